@@ -1,0 +1,28 @@
+"""ttt-jax: Test-Time-Training layers for one-minute video diffusion in JAX."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="ttt-jax",
+    version="0.1.0",
+    description="JAX/Flax reproduction of One-Minute Video Generation with Test-Time Training",
+    long_description=open("README.md").read(),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.10",
+    packages=find_packages(include=["ttt_jax", "ttt_jax.*", "pallas_kernels", "pallas_kernels.*"]),
+    install_requires=[
+        "jax>=0.6.0",
+        "flax>=0.11.0",
+        "optax>=0.2.4",
+        "orbax-checkpoint>=0.11.0",
+        "chex>=0.1.89",
+        "ml-collections>=1.0.0",
+        "absl-py>=2.1.0",
+        "numpy>=1.26",
+        "tqdm>=4.66",
+    ],
+    extras_require={
+        "test": ["pytest>=8.0", "pytest-xdist>=3.5"],
+    },
+)

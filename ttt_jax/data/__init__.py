@@ -1,0 +1,1 @@
+"""Data: the video token layout (segments, captions, token orders)."""

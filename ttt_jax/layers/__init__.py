@@ -1,0 +1,1 @@
+"""Neural-network layers: the TTT layer, rotary embeddings."""

@@ -1,0 +1,315 @@
+"""The TTT inner loop (Dalal et al. 2025, Sec. 2; Sun et al. 2024).
+
+Every head carries a small "fast" model f(u; W) = u + LN(g(u; W)) whose
+weights W are trained while the sequence is read. The sequence arrives as NC
+mini-batches of K tokens. For mini-batch b with keys k_j, values v_j,
+queries q_j and per-token inner learning rates eta_j:
+
+    l_j(W)  = 1/2 || LN(g(k_j; W)) - (v_j - k_j) ||^2          inner loss
+    W_b     = W_{b-1} - sum_j eta_j grad_W l_j(W_{b-1})          one GD step
+    z_j     = f(q_j; W_b)                                         read-out
+
+The read-out is NON-causal inside a mini-batch: every token of mini-batch b
+sees W_b, the weights after the whole mini-batch's step (video is not
+autoregressive). The step is written in its "dual form": the read-out
+q W_b = q W_{b-1} - (q k^T) (eta * grad_z) needs only K x K matrices, never
+the per-token weights. The gradients of the inner loss are derived by hand
+(LayerNorm and tanh-GELU backward below); outer gradients come from JAX
+autodiff through the `lax.scan` over mini-batches.
+
+Two inner models g:
+  TTT-Linear  g(u) = u W + b                        W [d, d]
+  TTT-MLP     g(u) = GELU_tanh(u W1 + b1) W2 + b2    W1 [d, 4d], W2 [4d, d]
+
+Precision: the fast-weight state and all reductions are fp32 (fp64 if the
+inputs are fp64); matmul operands are cast to `matmul_dtype` (e.g. bf16 on
+accelerators) and accumulate in the state dtype.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+Array = jax.Array
+DType = Any
+
+LN_EPS = 1e-8  # epsilon of the per-head LayerNorm inside the op
+
+
+# ----------------------------------------------------------------------------
+# Hand-derived pieces of the inner gradient.
+# ----------------------------------------------------------------------------
+
+
+def layer_norm_fwd(
+    z: Array, weight: Array, bias: Array, eps: float = LN_EPS
+) -> tuple[Array, Array, Array]:
+  """LayerNorm over the last axis; also returns x_hat and std for the VJP."""
+  mu = jnp.mean(z, axis=-1, keepdims=True)
+  var = jnp.mean(jnp.square(z - mu), axis=-1, keepdims=True)
+  std = jnp.sqrt(var + eps)
+  x_hat = (z - mu) / std
+  return weight * x_hat + bias, x_hat, std
+
+
+def layer_norm_vjp(g_y: Array, x_hat: Array, std: Array, weight: Array) -> Array:
+  """d/dz of <g_y, LN(z)>: the input gradient of LayerNorm.
+
+  With g = weight * g_y and n features:
+    dz = (n g - sum(g) - x_hat sum(g x_hat)) / (n std).
+  """
+  n = x_hat.shape[-1]
+  g = weight * g_y
+  return (
+      n * g
+      - jnp.sum(g, axis=-1, keepdims=True)
+      - x_hat * jnp.sum(g * x_hat, axis=-1, keepdims=True)
+  ) / (n * std)
+
+
+_SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
+_GELU_C = 0.044715
+
+
+def gelu_tanh(x: Array) -> Array:
+  """GELU, tanh approximation (same as jax.nn.gelu(approximate=True))."""
+  return 0.5 * x * (1.0 + jnp.tanh(_SQRT_2_OVER_PI * (x + _GELU_C * x**3)))
+
+
+def gelu_tanh_grad(x: Array) -> Array:
+  """Closed-form derivative of `gelu_tanh`."""
+  u = _SQRT_2_OVER_PI * (x + _GELU_C * x**3)
+  t = jnp.tanh(u)
+  du = _SQRT_2_OVER_PI * (1.0 + 3.0 * _GELU_C * x**2)
+  return 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * du
+
+
+# ----------------------------------------------------------------------------
+# One mini-batch step of each inner model. Leading axes [B, H] are batch axes.
+# ----------------------------------------------------------------------------
+
+
+def _matmul(matmul_dtype: DType, acc_dtype: DType) -> Callable[..., Array]:
+  """einsum with operands in `matmul_dtype`, accumulated in `acc_dtype`."""
+  full = jnp.dtype(matmul_dtype) in (jnp.dtype(jnp.float32), jnp.dtype(jnp.float64))
+  precision = lax.Precision.HIGHEST if full else lax.Precision.DEFAULT
+
+  def mm(spec: str, a: Array, b: Array) -> Array:
+    return jnp.einsum(
+        spec,
+        a.astype(matmul_dtype),
+        b.astype(matmul_dtype),
+        precision=precision,
+        preferred_element_type=acc_dtype,
+    )
+
+  return mm
+
+
+def _linear_step(state, inputs, *, ln_w, ln_b, eps, mm):
+  """TTT-Linear: g(u) = u W + b."""
+  W, b = state  # [B, H, d, d], [B, H, 1, d]
+  xq, xk, xv, eta = inputs  # [B, H, K, d] x3, [B, H, K]
+  target = xv - xk
+
+  # Inner gradient at W_{b-1}, per token: grad_z [B, H, K, d].
+  z = mm("bhkd,bhde->bhke", xk, W) + b
+  y, x_hat, std = layer_norm_fwd(z, ln_w, ln_b, eps)
+  grad_z = layer_norm_vjp(y - target, x_hat, std, ln_w)
+  eg = eta[..., None] * grad_z  # eta_j * grad_j
+
+  # Dual form read-out with W_b (non-causal): [B, H, K, d].
+  attn = mm("bhqd,bhkd->bhqk", xq, xk)  # [B, H, K, K]
+  b_new = b - jnp.sum(eg, axis=-2, keepdims=True)
+  z_bar = mm("bhkd,bhde->bhke", xq, W) - mm("bhqk,bhkd->bhqd", attn, eg) + b_new
+  out = xq + layer_norm_fwd(z_bar, ln_w, ln_b, eps)[0]
+
+  W_new = W - mm("bhkd,bhke->bhde", xk, eg)
+  return (W_new, b_new), out
+
+
+def _mlp_step(state, inputs, *, ln_w, ln_b, eps, mm):
+  """TTT-MLP: g(u) = GELU_tanh(u W1 + b1) W2 + b2."""
+  W1, b1, W2, b2 = state  # [B, H, d, 4d], [B, H, 1, 4d], [B, H, 4d, d], [B, H, 1, d]
+  xq, xk, xv, eta = inputs  # [B, H, K, d] x3, [B, H, K]
+  target = xv - xk
+
+  # Forward and hand-written backward of the inner loss at W_{b-1}.
+  z1 = mm("bhkd,bhdf->bhkf", xk, W1) + b1  # [B, H, K, 4d]
+  x2 = gelu_tanh(z1)
+  z2 = mm("bhkf,bhfd->bhkd", x2, W2) + b2  # [B, H, K, d]
+  y, x_hat, std = layer_norm_fwd(z2, ln_w, ln_b, eps)
+  grad_z2 = layer_norm_vjp(y - target, x_hat, std, ln_w)
+  grad_z1 = mm("bhkd,bhfd->bhkf", grad_z2, W2) * gelu_tanh_grad(z1)
+  e1 = eta[..., None] * grad_z1
+  e2 = eta[..., None] * grad_z2
+
+  # Dual form read-out through both layers with the updated weights.
+  b1_new = b1 - jnp.sum(e1, axis=-2, keepdims=True)
+  b2_new = b2 - jnp.sum(e2, axis=-2, keepdims=True)
+  attn1 = mm("bhqd,bhkd->bhqk", xq, xk)  # [B, H, K, K]
+  z1_bar = mm("bhkd,bhdf->bhkf", xq, W1) - mm("bhqk,bhkf->bhqf", attn1, e1) + b1_new
+  x2_bar = gelu_tanh(z1_bar)
+  attn2 = mm("bhqf,bhkf->bhqk", x2_bar, x2)  # [B, H, K, K]
+  z2_bar = mm("bhkf,bhfd->bhkd", x2_bar, W2) - mm("bhqk,bhkd->bhqd", attn2, e2) + b2_new
+  out = xq + layer_norm_fwd(z2_bar, ln_w, ln_b, eps)[0]
+
+  W1_new = W1 - mm("bhkd,bhkf->bhdf", xk, e1)
+  W2_new = W2 - mm("bhkf,bhkd->bhfd", x2, e2)
+  return (W1_new, b1_new, W2_new, b2_new), out
+
+
+# ----------------------------------------------------------------------------
+# Scan over mini-batches with activation checkpointing over groups.
+# ----------------------------------------------------------------------------
+
+
+def scan_remat(step: Callable, carry: Any, xs: Any, group: int | None) -> tuple[Any, Any]:
+  """`lax.scan(step, carry, xs)`, rematerialised in groups of `group` steps.
+
+  With a group size G only the carry at group boundaries is kept for the
+  backward pass (NC / G states) plus one group's residuals while it is
+  recomputed, instead of every step's residuals. NC need not divide by G:
+  the last, shorter group is its own checkpointed scan.
+  """
+  if group is None:
+    return lax.scan(step, carry, xs)
+  if group < 1:
+    raise ValueError(f"remat_group must be a positive int or None, got {group}")
+
+  @functools.partial(jax.checkpoint, prevent_cse=False)
+  def run_group(c, xs_g):
+    return lax.scan(step, c, xs_g)
+
+  n = jax.tree.leaves(xs)[0].shape[0]
+  n_full = (n // group) * group
+  ys_parts = []
+  if n_full:
+    head = jax.tree.map(lambda x: x[:n_full].reshape(n_full // group, group, *x.shape[1:]), xs)
+    carry, ys = lax.scan(run_group, carry, head)
+    ys_parts.append(jax.tree.map(lambda y: y.reshape(n_full, *y.shape[2:]), ys))
+  if n_full < n:
+    carry, ys = run_group(carry, jax.tree.map(lambda x: x[n_full:], xs))
+    ys_parts.append(ys)
+  ys = ys_parts[0] if len(ys_parts) == 1 else jax.tree.map(
+      lambda *p: jnp.concatenate(p, axis=0), *ys_parts)
+  return carry, ys
+
+
+# ----------------------------------------------------------------------------
+# Public entry points.
+# ----------------------------------------------------------------------------
+
+
+def _check(name: str, x: Array, shape: Sequence[int], layout: str) -> None:
+  if tuple(x.shape) != tuple(shape):
+    raise ValueError(f"{name} has shape {tuple(x.shape)}, expected {tuple(shape)} {layout}")
+  if not jnp.issubdtype(x.dtype, jnp.floating):
+    raise TypeError(f"{name} must be floating point, got dtype {x.dtype}")
+
+
+def _check_tokens(q, k, v, eta, ln_weight, ln_bias) -> tuple[int, int, int, int, int]:
+  if q.ndim != 5:
+    raise ValueError(f"q has shape {tuple(q.shape)}, expected rank 5 [B, H, NC, K, d]")
+  B, H, NC, K, d = q.shape
+  _check("k", k, q.shape, "[B, H, NC, K, d] like q")
+  _check("v", v, q.shape, "[B, H, NC, K, d] like q")
+  _check("eta", eta, (B, H, NC, K), "[B, H, NC, K]")
+  _check("ln_weight", ln_weight, (H, d), "[H, d]")
+  _check("ln_bias", ln_bias, (H, d), "[H, d]")
+  return B, H, NC, K, d
+
+
+def _run(step_fn, q, k, v, eta, ln_weight, ln_bias, weights, *, remat_group,
+         matmul_dtype, return_final_weights, eps):
+  """Shared driver: broadcast state over B, scan over NC, restore layout."""
+  B = q.shape[0]
+  state_dtype = jnp.promote_types(jnp.float32, q.dtype)
+  matmul_dtype = state_dtype if matmul_dtype is None else matmul_dtype
+  state = tuple(
+      jnp.broadcast_to(w.astype(state_dtype)[None], (B, *w.shape)) for w in weights)
+  # Scan axis first: [NC, B, H, K, ...].
+  xs = tuple(jnp.moveaxis(x.astype(state_dtype), 2, 0) for x in (q, k, v, eta))
+  step = functools.partial(
+      step_fn,
+      ln_w=ln_weight.astype(state_dtype)[None, :, None, :],  # [1, H, 1, d]
+      ln_b=ln_bias.astype(state_dtype)[None, :, None, :],
+      eps=eps,
+      mm=_matmul(matmul_dtype, state_dtype),
+  )
+  final, out = scan_remat(step, state, xs, remat_group)
+  out = jnp.moveaxis(out, 0, 2).astype(q.dtype)  # [B, H, NC, K, d]
+  return (out, final) if return_final_weights else out
+
+
+def ttt_linear(
+    q: Array, k: Array, v: Array, eta: Array,
+    ln_weight: Array, ln_bias: Array, W: Array, b: Array,
+    *,
+    remat_group: int | None = None,
+    matmul_dtype: DType | None = None,
+    return_final_weights: bool = False,
+    eps: float = LN_EPS,
+):
+  """TTT-Linear inner loop over NC mini-batches of K tokens, every head.
+
+  Args:
+    q, k, v: [B, H, NC, K, d] queries, keys and values of each head.
+    eta: [B, H, NC, K] per-token inner learning rates.
+    ln_weight, ln_bias: [H, d] the per-head inner LayerNorm.
+    W: [H, d, d], b: [H, 1, d] initial fast weights of each head.
+    remat_group: checkpoint the scan in groups of this many mini-batches
+      (None: keep every step's residuals).
+    matmul_dtype: dtype of matmul operands (None: the fp32 state dtype).
+    return_final_weights: also return the fast weights after the last step.
+    eps: LayerNorm epsilon.
+
+  Returns:
+    z [B, H, NC, K, d], and if asked (W [B, H, d, d], b [B, H, 1, d]).
+  """
+  B, H, NC, K, d = _check_tokens(q, k, v, eta, ln_weight, ln_bias)
+  _check("W", W, (H, d, d), "[H, d, d]")
+  _check("b", b, (H, 1, d), "[H, 1, d]")
+  return _run(_linear_step, q, k, v, eta, ln_weight, ln_bias, (W, b),
+              remat_group=remat_group, matmul_dtype=matmul_dtype,
+              return_final_weights=return_final_weights, eps=eps)
+
+
+def ttt_mlp(
+    q: Array, k: Array, v: Array, eta: Array,
+    ln_weight: Array, ln_bias: Array,
+    W1: Array, b1: Array, W2: Array, b2: Array,
+    *,
+    remat_group: int | None = None,
+    matmul_dtype: DType | None = None,
+    return_final_weights: bool = False,
+    eps: float = LN_EPS,
+):
+  """TTT-MLP inner loop; like `ttt_linear` with a two-layer GELU inner model.
+
+  Args:
+    W1: [H, d, F], b1: [H, 1, F], W2: [H, F, d], b2: [H, 1, d] initial fast
+      weights (F = 4d in the paper; any hidden width works).
+    (the rest as in `ttt_linear`)
+
+  Returns:
+    z [B, H, NC, K, d], and if asked the final (W1, b1, W2, b2) with a
+    leading batch axis.
+  """
+  B, H, NC, K, d = _check_tokens(q, k, v, eta, ln_weight, ln_bias)
+  if W1.ndim != 3:
+    raise ValueError(f"W1 has shape {tuple(W1.shape)}, expected rank 3 [H, d, F]")
+  F = W1.shape[-1]
+  _check("W1", W1, (H, d, F), "[H, d, F]")
+  _check("b1", b1, (H, 1, F), "[H, 1, F]")
+  _check("W2", W2, (H, F, d), "[H, F, d]")
+  _check("b2", b2, (H, 1, d), "[H, 1, d]")
+  return _run(_mlp_step, q, k, v, eta, ln_weight, ln_bias, (W1, b1, W2, b2),
+              remat_group=remat_group, matmul_dtype=matmul_dtype,
+              return_final_weights=return_final_weights, eps=eps)
