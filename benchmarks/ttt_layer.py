@@ -1,0 +1,166 @@
+"""Speed, FLOP/s, compile time and memory of the TTT inner loop (ttt_linear, ttt_mlp).
+
+    python benchmarks/ttt_layer.py [--seq_lens=1024,4096,16384,65536] [--B=1] [--H=1]
+        [--d=64] [--K=64] [--remat_group=16] [--matmul_dtype=float32|bfloat16]
+        [--ops=ttt_linear,ttt_mlp] [--repeats=3] [--out=results.json]
+    python -m benchmarks.ttt_layer [same flags]
+
+Accounting: a sequence length L is the number of tokens in each (batch, head)
+stream, split into NC = L / K mini-batches. One call processes B * L tokens
+(`tokens_per_s`) and B * H * L per-head tokens (`head_tokens_per_s`).
+`fwd.flops` is the analytic matmul count (2 m n k per einsum) of the dual-form
+step in ttt_jax/ops/ttt.py times B * H * NC; elementwise work is not counted.
+`fwd_bwd` times jax.grad of sum(out * cotangent) w.r.t. every input and the
+initial fast weights. Each timing is the median of --repeats runs after one
+warm-up; `compile_s` is lower + compile time. `memory_mib` holds XLA's
+compiled memory analysis and, where the backend has memory_stats() (not on
+CPU: null), the process-wide device high-water mark after that measurement.
+
+One JSON document goes to stdout (and to --out); progress goes to stderr.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import pathlib
+import statistics
+import time
+from typing import Any, Callable, Sequence
+
+from absl import app, flags, logging
+import jax
+import jax.numpy as jnp
+
+from ttt_jax.ops import ttt_linear, ttt_mlp
+
+Array = jax.Array
+
+OPS: dict[str, Callable[..., Array]] = {"ttt_linear": ttt_linear, "ttt_mlp": ttt_mlp}
+MIB = 2.0**20
+
+_SEQ_LENS = flags.DEFINE_list(
+    "seq_lens", ["1024", "4096", "16384", "65536"],
+    "Tokens per (batch, head) stream; each must be a multiple of --K.")
+_OPS = flags.DEFINE_list("ops", list(OPS), f"Ops to benchmark, from {list(OPS)}.")
+_B = flags.DEFINE_integer("B", 1, "Batch size.")
+_H = flags.DEFINE_integer("H", 1, "Number of heads.")
+_D = flags.DEFINE_integer("d", 64, "Head dimension (TTT-MLP hidden width is 4d).")
+_K = flags.DEFINE_integer("K", 64, "Mini-batch size (tokens per inner step).")
+_REMAT = flags.DEFINE_integer(
+    "remat_group", 16, "Checkpoint the scan in groups of this many mini-batches; 0: no remat.")
+_MATMUL_DTYPE = flags.DEFINE_enum(
+    "matmul_dtype", "float32", ["float32", "bfloat16"], "Matmul operand dtype.")
+_REPEATS = flags.DEFINE_integer("repeats", 3, "Timed runs per measurement (median reported).")
+_OUT = flags.DEFINE_string("out", None, "Also write the JSON document to this file.")
+
+
+def step_flops(op: str, K: int, d: int, F: int) -> int:
+  """Matmul FLOPs of one mini-batch step of one (batch, head), as implemented."""
+  if op == "ttt_linear":
+    # [K,d]x[d,d]: xk W, xq W, xk^T eg.  [K,K]x[K,d] class: xq xk^T, attn eg.
+    return 2 * (3 * K * d * d + 2 * K * K * d)
+  # [K,d]x[d,F] class: xk W1, x2 W2, grad_z2 W2^T, xq W1, x2_bar W2, xk^T e1, x2^T e2.
+  # K*K*d: xq xk^T, attn2 e2.  K*K*F: attn1 e1, x2_bar x2^T.
+  return 2 * (7 * K * d * F + 2 * K * K * d + 2 * K * K * F)
+
+
+def make_inputs(op: str, B: int, H: int, NC: int, K: int, d: int) -> tuple[Array, ...]:
+  """Op arguments (q, k, v, eta, ln_weight, ln_bias, *fast weights), fp32."""
+  ks = jax.random.split(jax.random.key(0), 7)
+  shape = (B, H, NC, K, d)
+  unit = lambda x: x / jnp.linalg.norm(x, axis=-1, keepdims=True)
+  tokens = (unit(jax.random.normal(ks[0], shape)), unit(jax.random.normal(ks[1], shape)),
+            jax.random.normal(ks[2], shape), jax.random.uniform(ks[3], shape[:-1]) / d)
+  ln = (jnp.ones((H, d)), jnp.zeros((H, d)))
+  if op == "ttt_linear":
+    weights = (0.02 * jax.random.normal(ks[4], (H, d, d)), jnp.zeros((H, 1, d)))
+  else:
+    F = 4 * d
+    weights = (0.02 * jax.random.normal(ks[4], (H, d, F)), jnp.zeros((H, 1, F)),
+               0.02 * jax.random.normal(ks[5], (H, F, d)), jnp.zeros((H, 1, d)))
+  return (*tokens, *ln, *weights)
+
+
+def measure(fn: Callable[..., Any], args: Sequence[Array], repeats: int
+            ) -> tuple[float, float, dict[str, float | None]]:
+  """(median seconds, compile seconds, memory in MiB) of jit(fn)(*args)."""
+  t0 = time.perf_counter()
+  compiled = jax.jit(fn).lower(*args).compile()
+  compile_s = time.perf_counter() - t0
+  jax.block_until_ready(compiled(*args))  # warm-up
+  times = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    jax.block_until_ready(compiled(*args))
+    times.append(time.perf_counter() - t0)
+  analysis = compiled.memory_analysis()
+  stats = jax.devices()[0].memory_stats()
+  memory = {
+      name: None if analysis is None else getattr(analysis, f"{name}_size_in_bytes") / MIB
+      for name in ("temp", "argument", "output")}
+  memory["peak_in_use"] = None if stats is None else stats["peak_bytes_in_use"] / MIB
+  return statistics.median(times), compile_s, memory
+
+
+def bench(op: str, seq_len: int, B: int, H: int, d: int, K: int,
+          remat_group: int | None, matmul_dtype: str, repeats: int) -> dict[str, Any]:
+  """One results row: fwd and fwd+bwd of `op` on B x H streams of seq_len tokens."""
+  NC = seq_len // K
+  args = make_inputs(op, B, H, NC, K, d)
+  fwd = lambda *a: OPS[op](*a, remat_group=remat_group, matmul_dtype=jnp.dtype(matmul_dtype))
+  cotangent = jax.random.normal(jax.random.key(1), args[0].shape)
+  loss = lambda *a: jnp.sum(fwd(*a[:-1]) * a[-1])
+  fwd_bwd = jax.grad(loss, argnums=tuple(range(len(args))))
+
+  fwd_s, fwd_compile, fwd_mem = measure(fwd, args, repeats)
+  bwd_s, bwd_compile, bwd_mem = measure(fwd_bwd, (*args, cotangent), repeats)
+  flops = B * H * NC * step_flops(op, K, d, 4 * d)
+  return {
+      "op": op, "seq_len": seq_len, "B": B, "H": H, "d": d, "K": K, "NC": NC,
+      "matmul_dtype": matmul_dtype, "remat_group": remat_group,
+      "fwd": {"seconds": fwd_s, "tokens_per_s": B * seq_len / fwd_s,
+              "head_tokens_per_s": B * H * seq_len / fwd_s,
+              "flops_per_minibatch": step_flops(op, K, d, 4 * d),
+              "flops": flops, "flops_per_s": flops / fwd_s},
+      "fwd_bwd": {"seconds": bwd_s, "tokens_per_s": B * seq_len / bwd_s,
+                  "head_tokens_per_s": B * H * seq_len / bwd_s},
+      "compile_s": {"fwd": fwd_compile, "fwd_bwd": bwd_compile},
+      "memory_mib": {"fwd": fwd_mem, "fwd_bwd": bwd_mem},
+  }
+
+
+def main(argv: Sequence[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  seq_lens = [int(s) for s in _SEQ_LENS.value]
+  K = _K.value
+  if bad := [s for s in seq_lens if s <= 0 or s % K]:
+    raise app.UsageError(f"--seq_lens {bad} are not positive multiples of --K={K}")
+  if unknown := set(_OPS.value) - set(OPS):
+    raise app.UsageError(f"Unknown --ops {sorted(unknown)}; choose from {list(OPS)}")
+  remat_group = _REMAT.value or None
+  config = {"seq_lens": seq_lens, "ops": _OPS.value, "B": _B.value, "H": _H.value,
+            "d": _D.value, "K": K, "remat_group": remat_group,
+            "matmul_dtype": _MATMUL_DTYPE.value, "repeats": _REPEATS.value}
+  device = jax.devices()[0]
+  results = []
+  for op in _OPS.value:
+    for seq_len in seq_lens:
+      logging.info("%s seq_len=%d ...", op, seq_len)
+      row = bench(op, seq_len, _B.value, _H.value, _D.value, K, remat_group,
+                  _MATMUL_DTYPE.value, _REPEATS.value)
+      logging.info("%s seq_len=%d: fwd %.4gs (%.4g tok/s), fwd+bwd %.4gs (%.4g tok/s)",
+                   op, seq_len, row["fwd"]["seconds"], row["fwd"]["tokens_per_s"],
+                   row["fwd_bwd"]["seconds"], row["fwd_bwd"]["tokens_per_s"])
+      results.append(row)
+  doc = json.dumps({"device": str(device), "platform": device.platform,
+                    "device_kind": device.device_kind, "jax_version": jax.__version__,
+                    "config": config, "results": results}, indent=1)
+  print(doc)
+  if _OUT.value:
+    pathlib.Path(_OUT.value).write_text(doc + "\n")
+
+
+if __name__ == "__main__":
+  app.run(main)
