@@ -21,6 +21,7 @@ setup(
         "absl-py>=2.1.0",
         "numpy>=1.26",
         "tqdm>=4.66",
+        "grain>=0.2.10",
     ],
     extras_require={
         "test": ["pytest>=8.0", "pytest-xdist>=3.5"],

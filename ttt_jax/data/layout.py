@@ -17,17 +17,32 @@ i.e. the reverse pass flips every video token and reverses the order of the
 text chunks, each caption still read just before its own (flipped) frames.
 Segment i owns `segment_frames[i]` latent frames; in the paper the first
 segment owns 13 (the VAE's lone first frame plus 12) and the others 12.
+
+Self-attention is local: segment i attends over its caption and its frames
+plus, for i > 0, the last frame of segment i-1 (so every paper window holds
+13 frames, the clip length CogVideoX was pre-trained on). That boundary frame
+sits in two windows and its two outputs are averaged.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import NamedTuple
 
 import numpy as np
 
 SECONDS_PER_SEGMENT = 3
 FRAMES_PER_SEGMENT = 12  # latent frames in 3 s at 16 fps with 4x temporal compression
+
+
+class AttentionWindows(NamedTuple):
+  """Static gather plan of the local-attention windows (S windows of Lw slots)."""
+
+  index: np.ndarray  # [S, Lw] int32 canonical token in each slot (0 where padded)
+  valid: np.ndarray  # [S, Lw] bool, False on padding slots of shorter windows
+  positions: np.ndarray  # [S, Lw, 3] int32 window-LOCAL (t, h, w); text at the origin
+  weight: np.ndarray  # [S, Lw] float32: 1 / (number of windows holding the token), 0 on padding
 
 
 @dataclasses.dataclass(frozen=True)
@@ -138,3 +153,27 @@ class VideoLayout:
   def from_ttt_order(self, reverse: bool = False) -> np.ndarray:
     """[L] inverse permutation: TTT-order position of each canonical token."""
     return np.argsort(self.ttt_order(reverse)).astype(np.int32)
+
+  # ---------------------------------------------------- local attention ----
+  @functools.cached_property
+  def attention_windows(self) -> AttentionWindows:
+    """Segment i: [text_i; (last frame of segment i-1); frames of segment i]."""
+    windows = []
+    for i, (text, video) in enumerate(self._segment_slices()):
+      if i:
+        video = np.concatenate([video[:self.tokens_per_frame] - self.tokens_per_frame, video])
+      windows.append(np.concatenate([text, video]))
+    lw = max(len(w) for w in windows)
+    index = np.zeros((self.num_segments, lw), np.int32)
+    valid = np.zeros((self.num_segments, lw), bool)
+    positions = np.zeros((self.num_segments, lw, 3), np.int32)
+    for i, w in enumerate(windows):
+      index[i, :len(w)] = w
+      valid[i, :len(w)] = True
+      pos = self.positions[w]
+      is_video = self.is_video[w]
+      pos[is_video, 0] -= pos[is_video, 0].min()  # time local to the window
+      positions[i, :len(w)] = pos
+    counts = np.bincount(index[valid], minlength=self.seq_len)
+    weight = np.where(valid, 1.0 / counts[index], 0.0).astype(np.float32)
+    return AttentionWindows(index, valid, positions, weight)

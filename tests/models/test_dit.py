@@ -1,0 +1,120 @@
+"""VideoDiT: shapes, layer scan = loop, remat, TTT placement and reach."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from ttt_jax.data.layout import VideoLayout
+from ttt_jax.models.dit import VideoDiT
+
+# Three 1-frame segments on a 2x3 token grid (latents 4x6), 4-token captions.
+LAYOUT = VideoLayout(text_lens=(4, 4, 4), segment_frames=(2, 1, 1), height=2, width=3)
+TTT = dict(inner="mlp", mini_batch_size=8, remat_group=2)
+
+
+def make_model(seed=0, **kw):
+  model = VideoDiT.from_config("tiny", **{"ttt": TTT, **kw}, rngs=nnx.Rngs(seed))
+  # adaLN-Zero makes a fresh model output zeros; give every weight some signal.
+  params = nnx.state(model, nnx.Param)
+  leaves, treedef = jax.tree.flatten(params)
+  keys = jax.random.split(jax.random.key(seed + 100), len(leaves))
+  nnx.update(model, jax.tree.unflatten(
+      treedef, [p + 0.1 * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys)]))
+  return model
+
+
+def apply(model, latents, text, t, layout=LAYOUT):
+  return nnx.jit(lambda m, *a: m(*a, layout))(model, latents, text, t)
+
+
+def make_inputs(B=2, layout=LAYOUT, seed=0):
+  ks = jax.random.split(jax.random.key(seed), 3)
+  latents = jax.random.normal(ks[0], (B, layout.num_frames, 2 * layout.height, 2 * layout.width, 16))
+  text = jax.random.normal(ks[1], (B, layout.num_text, 32))
+  t = jax.random.randint(ks[2], (B,), 0, 1000)
+  return latents, text, t
+
+
+def test_output_shape_and_zero_init():
+  latents, text, t = make_inputs()
+  fresh = VideoDiT.from_config("tiny", ttt=TTT, rngs=nnx.Rngs(0))
+  v = apply(fresh, latents, text, t)
+  assert v.shape == latents.shape
+  np.testing.assert_array_equal(v, 0.0)  # zero-initialised output projection
+
+
+def test_patchify_roundtrip():
+  latents, _, _ = make_inputs()
+  model = make_model()
+  tokens = model.patchify(latents)
+  assert tokens.shape == (2, LAYOUT.num_video, 64)
+  np.testing.assert_array_equal(model.unpatchify(tokens, *latents.shape[1:4]), latents)
+  # token order is (frame, row, column): token 1 is the patch at row 0, column 1.
+  np.testing.assert_array_equal(tokens[0, 1].reshape(2, 2, 16), latents[0, 0, 0:2, 2:4])
+
+
+def test_layer_scan_equals_python_loop_and_remat():
+  latents, text, t = make_inputs()
+  scanned = make_model()
+  out = apply(scanned, latents, text, t)
+  assert scanned.blocks.ff_in.kernel[...].shape[0] == 2  # stacked depth axis
+  loop = make_model(scan_layers=False)
+  np.testing.assert_allclose(apply(loop, latents, text, t), out, rtol=1e-5, atol=1e-5)
+  for policy in ("full", "save_dots"):
+    remat = make_model(remat_policy=policy)
+    np.testing.assert_allclose(apply(remat, latents, text, t), out, rtol=1e-5, atol=1e-5)
+  grad = nnx.jit(nnx.grad(lambda m: jnp.sum(m(latents, text, t, LAYOUT) ** 2)))
+  g1, g2 = grad(scanned), grad(make_model(remat_policy="full"))
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5),
+               nnx.state(g1, nnx.Param), nnx.state(g2, nnx.Param))
+
+
+def test_ttt_sits_in_every_block_as_a_gated_residual():
+  latents, text, t = make_inputs()
+  with_ttt = make_model()
+  assert with_ttt.blocks.ttt.ttt.W1[...].shape[0] == 2  # one TTT layer per block
+  without = make_model(use_ttt=False)
+  assert without.blocks.ttt is None
+  # Share every non-TTT weight, then close the TTT gates: the models agree.
+  nnx.update(with_ttt, nnx.state(without, nnx.Param))
+  for name in ("alpha_fwd_text", "alpha_fwd_video", "alpha_bwd_text", "alpha_bwd_video"):
+    alpha = getattr(with_ttt.blocks.ttt, name)
+    alpha[...] = jnp.zeros_like(alpha[...])
+  np.testing.assert_allclose(apply(with_ttt, latents, text, t), apply(without, latents, text, t),
+                             rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("use_ttt", [False, True])
+def test_attention_is_local_and_ttt_is_global(use_ttt):
+  """With one block, segment 2 sees segment 0's caption only through TTT."""
+  latents, text, t = make_inputs()
+  model = make_model(depth=1, use_ttt=use_ttt)
+  out = apply(model, latents, text, t)
+  out2 = apply(model, latents, text.at[:, :4].add(1.0), t)  # change caption 0 only
+  seg2 = slice(3, 4)  # frame 3 belongs to segment 2 alone
+  changed = float(jnp.abs(out[:, seg2] - out2[:, seg2]).max())
+  assert (changed > 1e-4) == use_ttt, changed
+  assert float(jnp.abs(out[:, :2] - out2[:, :2]).max()) > 1e-4  # segment 0 sees its caption
+
+
+def test_single_scene_and_jit():
+  layout = VideoLayout.from_seconds(3, text_len=6, height=2, width=3, frames_per_segment=2)
+  latents, text, t = make_inputs(layout=layout)
+  model = make_model()
+  out = nnx.jit(lambda m, *a: m(*a, layout))(model, latents, text, t)
+  np.testing.assert_allclose(out, apply(model, latents, text, t, layout), rtol=1e-5, atol=1e-5)
+
+
+def test_bad_inputs_name_the_mismatch():
+  latents, text, t = make_inputs()
+  model = make_model()
+  with pytest.raises(ValueError, match="do not match the layout"):
+    apply(model, latents, text[:, :-1], t)
+  with pytest.raises(ValueError, match="16 channels"):
+    apply(model, latents[..., :8], text, t)
+  with pytest.raises(ValueError, match="unknown model variant 'huge'"):
+    VideoDiT.from_config("huge", rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match="remat_policy"):
+    make_model(remat_policy="sometimes")

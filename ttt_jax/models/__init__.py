@@ -1,0 +1,1 @@
+"""Frozen pre-trained components: latent video codecs and caption encoders."""

@@ -1,0 +1,202 @@
+"""CogVideoX-style video diffusion transformer with bidirectional TTT layers.
+
+    latents [B, T, h, w, 16] --2x2 patchify--> video tokens     \\
+    captions [B, Lt, text_dim] --linear-----> text tokens       -> [B, L, D]
+    timestep --sinusoid -> MLP--> emb [B, E]
+    for every block (stacked params, `nnx.scan` over depth, remat policy):
+      h, g = adaLN(x, emb)           separate shift/scale/gate for text and video
+      a    = local attention(h)      per segment, QK-LayerNorm, local 3D RoPE
+      a    = bidirectional TTT(a)    global over the whole video (gated residuals)
+      x    = x + g * a
+      h, g = adaLN(x, emb);  x = x + g * MLP(h)     (GELU-tanh, 4x)
+    final LayerNorm + adaLN + linear -> unpatchify -> v prediction [B, T, h, w, 16]
+
+Hyper-parameters come from `VARIANTS` (paper scale: CogVideoX-5B) overridden
+by config; see `VideoDiT.from_config`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping
+
+import chex
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from ttt_jax.data.layout import VideoLayout
+from ttt_jax.layers.attention import LocalSelfAttention
+from ttt_jax.layers.ttt import BidirectionalTTT
+
+Array = jax.Array
+
+VARIANTS: dict[str, dict[str, Any]] = {
+    # CogVideoX-5B: hidden 3072, 42 layers, 48 heads of 64, T5-XXL text, 512-d time embedding.
+    "cogvideox-5b": dict(width=3072, depth=42, num_heads=48, text_dim=4096, time_embed_dim=512),
+    # A few-minute CPU model with the same structure (head dim 16: the smallest for 3D RoPE).
+    "tiny": dict(width=64, depth=2, num_heads=4, text_dim=32, time_embed_dim=64),
+}
+
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "save_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def timestep_sinusoid(t: Array, dim: int, max_period: float = 10000.0) -> Array:
+  """t [B] -> [B, dim]: [cos, sin] of t at geometric frequencies."""
+  half = dim // 2
+  freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
+  args = t.astype(jnp.float32)[:, None] * freqs[None]
+  return jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
+
+
+class AdaLNZero(nnx.Module):
+  """LayerNorm modulated by the timestep: shift/scale/gate, text and video apart.
+
+  The modulation projection is zero-initialised (adaLN-Zero), so a freshly
+  made block is the identity until training moves its gates.
+  """
+
+  def __init__(self, time_dim: int, width: int, *, eps: float, dtype: Any,
+               param_dtype: Any, rngs: nnx.Rngs):
+    self.linear = nnx.Linear(time_dim, 6 * width, kernel_init=nnx.initializers.zeros,
+                             dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.norm = nnx.LayerNorm(width, epsilon=eps, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+  def __call__(self, x: Array, emb: Array, is_video: Array) -> tuple[Array, Array]:
+    """x [B, L, D], emb [B, E], is_video [L] -> (modulated x, gate) each [B, L, D]."""
+    mods = jnp.split(self.linear(jax.nn.silu(emb)), 6, axis=-1)  # 6 x [B, D]
+    pick = lambda video, text: jnp.where(is_video[None, :, None], video[:, None], text[:, None])
+    shift, scale, gate = (pick(mods[i], mods[i + 3]) for i in range(3))
+    return self.norm(x) * (1 + scale) + shift, gate
+
+
+class DiTBlock(nnx.Module):
+  """adaLN -> local attention -> bidirectional TTT -> gated residual -> adaLN -> MLP."""
+
+  def __init__(self, width: int, num_heads: int, time_dim: int, *, mlp_ratio: int,
+               use_ttt: bool, ttt: Mapping[str, Any], norm_eps: float, dtype: Any,
+               param_dtype: Any, rngs: nnx.Rngs):
+    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.norm1 = AdaLNZero(time_dim, width, eps=norm_eps, **kw)
+    self.attn = LocalSelfAttention(width, num_heads, **kw)
+    self.ttt = BidirectionalTTT(width, num_heads, **kw, **ttt) if use_ttt else None
+    self.norm2 = AdaLNZero(time_dim, width, eps=norm_eps, **kw)
+    self.ff_in = nnx.Linear(width, mlp_ratio * width, **kw)
+    self.ff_out = nnx.Linear(mlp_ratio * width, width, **kw)
+
+  def __call__(self, x: Array, emb: Array, layout: VideoLayout) -> Array:
+    is_video = jnp.asarray(layout.is_video)
+    h, gate = self.norm1(x, emb, is_video)
+    a = self.attn(h, layout)
+    if self.ttt is not None:
+      a = self.ttt(a, layout)
+    x = x + gate * a
+    h, gate = self.norm2(x, emb, is_video)
+    return x + gate * self.ff_out(jax.nn.gelu(self.ff_in(h), approximate=True))
+
+
+class VideoDiT(nnx.Module):
+  """Text-to-video DiT over a multi-scene `VideoLayout`; predicts v."""
+
+  def __init__(self, *, width: int, depth: int, num_heads: int, text_dim: int,
+               time_embed_dim: int = 512, latent_channels: int = 16, patch_size: int = 2,
+               mlp_ratio: int = 4, use_ttt: bool = True, ttt: Mapping[str, Any] | None = None,
+               scan_layers: bool = True, remat_policy: str = "none", norm_eps: float = 1e-5,
+               dtype: Any = jnp.float32, param_dtype: Any = jnp.float32, rngs: nnx.Rngs):
+    if remat_policy not in REMAT_POLICIES:
+      raise ValueError(f"remat_policy must be one of {sorted(REMAT_POLICIES)}, got {remat_policy!r}")
+    self.width, self.depth, self.patch_size = width, depth, patch_size
+    self.latent_channels, self.text_dim = latent_channels, text_dim
+    self.scan_layers, self.remat_policy = scan_layers, remat_policy
+    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    patch_dim = patch_size * patch_size * latent_channels
+
+    self.patch_embed = nnx.Linear(patch_dim, width, **kw)  # = Conv2d(k=stride=patch)
+    self.text_proj = nnx.Linear(text_dim, width, **kw)
+    self.time_in = nnx.Linear(width, time_embed_dim, **kw)
+    self.time_out = nnx.Linear(time_embed_dim, time_embed_dim, **kw)
+
+    block_kw = dict(mlp_ratio=mlp_ratio, use_ttt=use_ttt, ttt=dict(ttt or {}),
+                    norm_eps=norm_eps, dtype=dtype, param_dtype=param_dtype)
+
+    @nnx.split_rngs(splits=depth)
+    @nnx.vmap(in_axes=(0,), out_axes=0)
+    def make_blocks(rngs: nnx.Rngs) -> DiTBlock:
+      return DiTBlock(width, num_heads, time_embed_dim, rngs=rngs, **block_kw)
+
+    self.blocks = make_blocks(rngs)  # parameters stacked on a leading [depth] axis
+
+    self.norm_final = nnx.LayerNorm(width, epsilon=norm_eps, **kw)
+    self.out_mod = nnx.Linear(time_embed_dim, 2 * width, kernel_init=nnx.initializers.zeros, **kw)
+    self.norm_out = nnx.LayerNorm(width, epsilon=norm_eps, use_scale=False, use_bias=False, **kw)
+    self.proj_out = nnx.Linear(width, patch_dim, kernel_init=nnx.initializers.zeros, **kw)
+
+  @classmethod
+  def from_config(cls, variant: str, *, rngs: nnx.Rngs, **overrides) -> VideoDiT:
+    """Build a named size from `VARIANTS`, with any field overridden."""
+    if variant not in VARIANTS:
+      raise ValueError(f"unknown model variant {variant!r}; known: {sorted(VARIANTS)}")
+    return cls(**{**VARIANTS[variant], **overrides}, rngs=rngs)
+
+  # ------------------------------------------------------------- layout ----
+  def _check(self, latents: Array, text: Array, t: Array, layout: VideoLayout) -> None:
+    chex.assert_rank([latents, text, t], [5, 3, 1])
+    B, T, h, w, C = latents.shape
+    p = self.patch_size
+    if h % p or w % p or C != self.latent_channels:
+      raise ValueError(f"latents {latents.shape}: need h, w divisible by patch {p} and "
+                       f"{self.latent_channels} channels")
+    got = (T, h // p, w // p, text.shape[1], text.shape[2])
+    want = (layout.num_frames, layout.height, layout.width, layout.num_text, self.text_dim)
+    if got != want:
+      raise ValueError(f"inputs do not match the layout: latents {latents.shape} and text "
+                       f"{text.shape} give (frames, grid h, grid w, text len, text dim) = {got}, "
+                       f"layout and model expect {want}")
+    chex.assert_shape([text, t], [(B, None, None), (B,)])
+
+  def patchify(self, latents: Array) -> Array:
+    """[B, T, h, w, C] -> [B, T*(h/p)*(w/p), p*p*C] (frame, row, column order)."""
+    B, T, h, w, C = latents.shape
+    p = self.patch_size
+    x = latents.reshape(B, T, h // p, p, w // p, p, C).transpose(0, 1, 2, 4, 3, 5, 6)
+    return x.reshape(B, T * (h // p) * (w // p), p * p * C)
+
+  def unpatchify(self, x: Array, T: int, h: int, w: int) -> Array:
+    """Inverse of `patchify`."""
+    B, p, C = x.shape[0], self.patch_size, self.latent_channels
+    x = x.reshape(B, T, h // p, w // p, p, p, C).transpose(0, 1, 2, 4, 3, 5, 6)
+    return x.reshape(B, T, h, w, C)
+
+  # ------------------------------------------------------------ forward ----
+  def run_blocks(self, x: Array, emb: Array, layout: VideoLayout) -> Array:
+    """All blocks: `nnx.scan` over the stacked depth axis, or a Python loop."""
+    if not self.scan_layers:
+      graph, state = nnx.split(self.blocks)
+      for i in range(self.depth):
+        x = nnx.merge(graph, jax.tree.map(lambda a: a[i], state))(x, emb, layout)
+      return x
+
+    def body(x: Array, block: DiTBlock) -> Array:
+      return block(x, emb, layout)
+
+    policy = REMAT_POLICIES[self.remat_policy]
+    if self.remat_policy != "none":
+      body = nnx.remat(body, policy=policy, prevent_cse=False)
+    return nnx.scan(body, in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)(x, self.blocks)
+
+  def __call__(self, latents: Array, text: Array, t: Array, layout: VideoLayout) -> Array:
+    """latents [B, T, h, w, C], text [B, Lt, text_dim], t [B] -> v [B, T, h, w, C]."""
+    self._check(latents, text, t, layout)
+    B, T, h, w, _ = latents.shape
+    emb = self.time_out(jax.nn.silu(self.time_in(timestep_sinusoid(t, self.width))))  # [B, E]
+    x = jnp.concatenate([self.text_proj(text), self.patch_embed(self.patchify(latents))], axis=1)
+    x = self.run_blocks(x, emb, layout)  # [B, L, D]
+
+    x = self.norm_final(x)[:, layout.num_text:]
+    shift, scale = jnp.split(self.out_mod(jax.nn.silu(emb)), 2, axis=-1)
+    x = self.norm_out(x) * (1 + scale[:, None]) + shift[:, None]
+    return self.unpatchify(self.proj_out(x), T, h, w).astype(latents.dtype)
