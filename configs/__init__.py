@@ -1,0 +1,1 @@
+"""Training configs: one file per curriculum stage, `get_config(arg)` presets."""

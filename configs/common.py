@@ -1,0 +1,100 @@
+"""The shared config of every curriculum stage (3 -> 9 -> 18 -> 30 -> 63 s).
+
+Presets (the text after `:` in `--config=configs/tom_jerry_9s.py:tiny`):
+  paper  CogVideoX-5B + TTT-MLP at 480x720, the paper's recipe and batch 64
+         (the TPU-pod job; until the real VAE/T5 land it reads the toy data
+         at full resolution through the toy codec and a 4096-d toy encoder).
+  tiny   the same pipeline shrunk to run every stage in minutes on a 2-core
+         CPU: a 2-block, 64-wide DiT trained from scratch on toy cartoons.
+
+Stage recipe (paper Sec. 4): the 3 s stage fine-tunes everything (new TTT
+parameters at a 10x learning rate); later stages start from the previous
+stage's weights and train only attention q/k/v/o, the TTT layers and their
+gates. A learning rate of 0 freezes a parameter group.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+# stage seconds -> (paper steps, tiny steps, previous stage)
+STAGES = {3: (5000, 240, None), 9: (5000, 60, 3), 18: (1000, 30, 9), 30: (1000, 20, 18),
+          63: (250, 20, 30)}
+PRESETS = ("paper", "tiny")
+
+
+def get_config(seconds: int, arg: str | None) -> ml_collections.ConfigDict:
+  preset = arg or "paper"
+  if preset not in PRESETS:
+    raise ValueError(f"unknown config preset {preset!r} for the {seconds} s stage; "
+                     f"choose from {PRESETS}")
+  paper_steps, tiny_steps, previous = STAGES[seconds]
+  tiny = preset == "tiny"
+  first_stage = previous is None
+
+  c = ml_collections.ConfigDict()
+  c.preset = preset
+  c.seconds = seconds
+  c.seed = 0
+  # Workdir of the previous stage whose latest params initialise this one
+  # ('' = fresh init). `ttt_jax.curriculum` fills it in stage by stage.
+  c.init_from = ""
+
+  c.data = ml_collections.ConfigDict(dict(
+      name="toy_cartoons",
+      num_videos=24 if tiny else 10_000,
+      height=64 if tiny else 480,
+      width=96 if tiny else 720,
+      seed=0,
+      text_len=16 if tiny else 458,  # tokens per segment caption (paper: 63 s = 351,168 tokens)
+      codec="toy",
+      text_encoder="toy",
+  ))
+
+  c.model = ml_collections.ConfigDict(dict(
+      variant="tiny" if tiny else "cogvideox-5b",
+      use_ttt=True,
+      scan_layers=True,
+      remat_policy="none" if tiny else "full",
+      dtype="float32" if tiny else "bfloat16",
+      ttt=dict(
+          inner="mlp",
+          mini_batch_size=16 if tiny else 64,
+          base_lr=0.1,
+          remat_group=4 if tiny else 16,
+          matmul_dtype="float32" if tiny else "bfloat16",
+      ),
+  ))
+
+  c.diffusion = ml_collections.ConfigDict(dict(
+      num_steps=1000,
+      text_dropout=0.1,  # classifier-free guidance: drop the caption of 10% of examples
+  ))
+
+  if tiny:
+    lr = dict(other=1e-3, attn_qkvo=1e-3, ttt=1e-3) if first_stage else \
+        dict(other=0.0, attn_qkvo=5e-4, ttt=5e-4)
+  else:
+    lr = dict(other=1e-5, attn_qkvo=1e-5, ttt=1e-4) if first_stage else \
+        dict(other=0.0, attn_qkvo=1e-5, ttt=1e-5)
+  c.optim = ml_collections.ConfigDict(dict(
+      lr=lr, warmup_steps=20 if tiny else 100, b1=0.9, b2=0.95, weight_decay=1e-4,
+      grad_clip=1.0 if tiny else 0.1,
+  ))
+
+  c.train = ml_collections.ConfigDict(dict(
+      steps=tiny_steps if tiny else paper_steps,
+      batch_size=2 if tiny else 64,
+      log_every=5 if tiny else 10,
+      ckpt_every=50 if tiny else 250,
+      keep_checkpoints=2,
+  ))
+
+  c.sample = ml_collections.ConfigDict(dict(
+      sampler="dpmpp_2m_sde", steps=25 if tiny else 50, guidance_scale=6.0,
+      dynamic_cfg=True, fps=16, seed=0,
+  ))
+
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))  # -1: all remaining devices
+  c.lock()
+  return c
