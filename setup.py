@@ -22,6 +22,9 @@ setup(
         "numpy>=1.26",
         "tqdm>=4.66",
         "grain>=0.2.10",
+        "matplotlib>=3.8",
+        "imageio>=2.34",
+        "imageio-ffmpeg>=0.5",
     ],
     extras_require={
         "test": ["pytest>=8.0", "pytest-xdist>=3.5"],

@@ -47,6 +47,7 @@ def get_config(seconds: int, arg: str | None) -> ml_collections.ConfigDict:
       width=96 if tiny else 720,
       seed=0,
       text_len=16 if tiny else 458,  # tokens per segment caption (paper: 63 s = 351,168 tokens)
+      text_dim=32 if tiny else 4096,  # text encoder width (T5-XXL: 4096)
       codec="toy",
       text_encoder="toy",
   ))

@@ -200,3 +200,13 @@ class VideoDiT(nnx.Module):
     shift, scale = jnp.split(self.out_mod(jax.nn.silu(emb)), 2, axis=-1)
     x = self.norm_out(x) * (1 + scale[:, None]) + shift[:, None]
     return self.unpatchify(self.proj_out(x), T, h, w).astype(latents.dtype)
+
+
+def build(model_cfg: Mapping[str, Any], *, text_dim: int, rngs: nnx.Rngs) -> VideoDiT:
+  """The model a config describes (`config.model`, dtypes given by name)."""
+  ttt = dict(model_cfg["ttt"])
+  ttt["matmul_dtype"] = jnp.dtype(ttt["matmul_dtype"]) if ttt.get("matmul_dtype") else None
+  return VideoDiT.from_config(
+      model_cfg["variant"], text_dim=text_dim, use_ttt=model_cfg["use_ttt"],
+      scan_layers=model_cfg["scan_layers"], remat_policy=model_cfg["remat_policy"],
+      dtype=jnp.dtype(model_cfg["dtype"]), ttt=ttt, rngs=rngs)

@@ -1,0 +1,80 @@
+"""Run the whole curriculum (3 -> 9 -> 18 -> 30 -> 63 s), then sample a one-minute video.
+
+    python -m ttt_jax.curriculum --preset=tiny --workdir=workdirs/tiny
+
+Each stage trains in <workdir>/<N>s from the previous stage's latest params
+(interrupted stages resume; finished ones are skipped). Afterwards:
+<workdir>/loss.png (all stages), <workdir>/storyboard.jsonl (captions of a
+toy video the model never saw) and <workdir>/samples/one_minute.{mp4,gif}.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import pathlib
+
+import ml_collections
+
+from absl import app, flags, logging
+
+from ttt_jax import metrics, sample, train
+from ttt_jax.data import toy_cartoons
+
+_PRESET = flags.DEFINE_string("preset", "tiny", "Config preset of every stage (tiny | paper).")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Root directory; one sub-directory per stage.")
+_STAGES = flags.DEFINE_list("stages", ["3", "9", "18", "30", "63"], "Stage lengths in seconds.")
+_CONFIG_DIR = flags.DEFINE_string("config_dir", "configs", "Where tom_jerry_<N>s.py live.")
+
+
+def load_stage_config(config_dir: str | pathlib.Path, seconds: int, preset: str
+                      ) -> ml_collections.ConfigDict:
+  """`get_config(preset)` of <config_dir>/tom_jerry_<seconds>s.py, as --config= would."""
+  path = pathlib.Path(config_dir) / f"tom_jerry_{seconds}s.py"
+  if not path.exists():
+    raise FileNotFoundError(f"no config for the {seconds} s stage: {path}")
+  spec = importlib.util.spec_from_file_location(f"tom_jerry_{seconds}s", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(preset)
+
+
+def run(preset: str, workdir: str | pathlib.Path, stages: list[int],
+        config_dir: str | pathlib.Path = "configs") -> dict:
+  workdir = pathlib.Path(workdir)
+  summary, runs, previous = {}, [], ""
+  for seconds in stages:
+    config = load_stage_config(config_dir, seconds, preset)
+    with config.unlocked():
+      config.init_from = previous
+    stage_dir = workdir / f"{seconds}s"
+    summary[f"{seconds}s"] = train.train(config, stage_dir)
+    runs.append((f"{seconds}s", metrics.read_metrics(stage_dir / "metrics.jsonl")))
+    previous = str(stage_dir)
+  metrics.plot_loss(runs, workdir / "loss.png")
+
+  # A storyboard the model never trained on: the video just past the training set.
+  data = config.data
+  held_out = toy_cartoons.generate_video(toy_cartoons.ToyCartoonConfig(
+      seconds=stages[-1], height=data.height, width=data.width, seed=data.seed,
+      num_videos=data.num_videos + 1), data.num_videos)
+  toy_cartoons.write_storyboard(held_out, workdir / "storyboard.jsonl")
+  frames = sample.sample_video(previous, list(held_out.captions))
+  summary["samples"] = [str(p) for p in sample.write_video(
+      frames, workdir / "samples" / "one_minute", config.sample.fps)]
+  (workdir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+  return summary
+
+
+def main(argv: list[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments {argv[1:]}")
+  if not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)
+  print(json.dumps(run(_PRESET.value, _WORKDIR.value, [int(s) for s in _STAGES.value],
+                       _CONFIG_DIR.value), indent=2))
+
+
+if __name__ == "__main__":
+  flags.mark_flags_as_required(["workdir"])
+  app.run(main)

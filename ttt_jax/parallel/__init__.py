@@ -1,0 +1,1 @@
+"""Device mesh and sharding of parameters and batches."""
