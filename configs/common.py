@@ -18,8 +18,8 @@ from __future__ import annotations
 import ml_collections
 
 # stage seconds -> (paper steps, tiny steps, previous stage)
-STAGES = {3: (5000, 240, None), 9: (5000, 60, 3), 18: (1000, 30, 9), 30: (1000, 20, 18),
-          63: (250, 20, 30)}
+STAGES = {3: (5000, 800, None), 9: (5000, 120, 3), 18: (1000, 50, 9), 30: (1000, 30, 18),
+          63: (250, 24, 30)}
 PRESETS = ("paper", "tiny")
 
 
@@ -42,7 +42,7 @@ def get_config(seconds: int, arg: str | None) -> ml_collections.ConfigDict:
 
   c.data = ml_collections.ConfigDict(dict(
       name="toy_cartoons",
-      num_videos=24 if tiny else 10_000,
+      num_videos=8 if tiny else 10_000,
       height=64 if tiny else 480,
       width=96 if tiny else 720,
       seed=0,
@@ -73,8 +73,8 @@ def get_config(seconds: int, arg: str | None) -> ml_collections.ConfigDict:
   ))
 
   if tiny:
-    lr = dict(other=1e-3, attn_qkvo=1e-3, ttt=1e-3) if first_stage else \
-        dict(other=0.0, attn_qkvo=5e-4, ttt=5e-4)
+    lr = dict(other=2e-3, attn_qkvo=2e-3, ttt=2e-3) if first_stage else \
+        dict(other=0.0, attn_qkvo=1e-3, ttt=1e-3)
   else:
     lr = dict(other=1e-5, attn_qkvo=1e-5, ttt=1e-4) if first_stage else \
         dict(other=0.0, attn_qkvo=1e-5, ttt=1e-5)
@@ -85,8 +85,8 @@ def get_config(seconds: int, arg: str | None) -> ml_collections.ConfigDict:
 
   c.train = ml_collections.ConfigDict(dict(
       steps=tiny_steps if tiny else paper_steps,
-      batch_size=2 if tiny else 64,
-      log_every=5 if tiny else 10,
+      batch_size=(4 if first_stage else 2) if tiny else 64,
+      log_every=10 if tiny else 10,
       ckpt_every=50 if tiny else 250,
       keep_checkpoints=2,
   ))

@@ -60,7 +60,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
   """Runs (or resumes) one stage; returns the first and last logged losses."""
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
-  if jax.process_index() == 0:
+  lead = jax.process_index() == 0  # one process writes config, metrics and plots
+  if lead:
     (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
 
   # ------------------------------------------------------------------ data
@@ -88,7 +89,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
     start, rng, data_state = restored
     data_iter.set_state(data_state)
     logging.warning("resumed from step %d", start)
-  writer = metrics.MetricsWriter(workdir / "metrics.jsonl", resume_step=start)
+  writer = metrics.MetricsWriter(workdir / "metrics.jsonl", resume_step=start) if lead else None
 
   # ------------------------------------------------------------------ loop
   schedule = NoiseSchedule.create(num_steps=config.diffusion.num_steps)
@@ -96,26 +97,27 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
       nnx.jit(functools.partial(train_step, layout=layout, schedule=schedule,
                                 text_dropout=config.diffusion.text_dropout)), model, optimizer)
   lr = {g: optim.learning_rate(config.optim, g) for g in optim.GROUPS}
-  logged, t0 = [], time.perf_counter()
+  window, t0 = [], time.perf_counter()
   bar = tqdm.trange(start, config.train.steps, initial=start, total=config.train.steps,
-                    desc=f"{config.seconds}s stage", disable=jax.process_index() != 0)
+                    desc=f"{config.seconds}s stage", disable=not lead)
   for step in bar:
     batch = mesh_lib.global_batch(next(data_iter), mesh)
-    out = step_fn(batch, jax.random.fold_in(rng, step))
+    window.append(step_fn(batch, jax.random.fold_in(rng, step)))
     done = step + 1
     if done % config.train.log_every == 0 or done == config.train.steps:
-      row = {k: float(v) for k, v in out.items()}
+      row = {k: float(jnp.mean(jnp.stack([o[k] for o in window]))) for k in window[0]}
       row.update({f"lr_{g}": float(s(step)) for g, s in lr.items()},
                  steps_per_s=(done - start) / (time.perf_counter() - t0))
-      writer.write(done, **row)
-      logged.append(row["loss"])
+      if writer:
+        writer.write(done, **row)  # means over the steps since the last log line
+      window = []
       bar.set_postfix(loss=f"{row['loss']:.4f}")
     if done % config.train.ckpt_every == 0 or done == config.train.steps:
       ckpt.save(done, model, optimizer, rng, data_iter.get_state())
   ckpt.close()
 
   rows = metrics.read_metrics(workdir / "metrics.jsonl")
-  if jax.process_index() == 0:
+  if lead:
     metrics.plot_loss([(f"{config.seconds}s", rows)], workdir / "loss.png")
   losses = [r["loss"] for r in rows]
   return {"first_loss": losses[0], "last_loss": losses[-1]} if losses else {}

@@ -56,21 +56,26 @@ def _source(data_cfg: Mapping[str, Any], seconds: int):
 def build_examples(data_cfg: Mapping[str, Any], seconds: int, codec: LatentCodec,
                    text_encoder: TextEncoder, cache_dir: str | pathlib.Path | None = None
                    ) -> dict[str, np.ndarray]:
-  """All training examples: latents [N, T, h, w, C] and text [N, S*text_len, dim], float32."""
+  """This process's examples (videos proc, proc + P, ...): latents [N, T, h, w, C] and
+  text [N, S*text_len, dim], float32. Each process encodes and caches only its share."""
+  n_proc, proc = jax.process_count(), jax.process_index()
   key = json.dumps({**dict(data_cfg), "seconds": seconds, "text_dim": text_encoder.dim},
                    sort_keys=True)
   cache = None
   if cache_dir is not None:
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
-    cache = pathlib.Path(cache_dir) / f"{data_cfg['name']}_{seconds}s_{digest}.npz"
+    cache = pathlib.Path(cache_dir) / f"{data_cfg['name']}_{seconds}s_{digest}_p{proc}of{n_proc}.npz"
     if cache.exists():
       with np.load(cache) as f:
         return {"latents": f["latents"], "text": f["text"]}
 
   source = _source(data_cfg, seconds)
+  if len(source) < n_proc:
+    raise ValueError(f"data.num_videos={len(source)} cannot be shared by {n_proc} processes")
   encode = jax.jit(codec.encode)
   latents, text = [], []
-  for i in tqdm.trange(len(source), desc=f"encoding {seconds}s videos", leave=False):
+  for i in tqdm.tqdm(range(proc, len(source), n_proc), desc=f"encoding {seconds}s videos",
+                     leave=False, disable=proc != 0):
     item = source[i]
     video = toy_cartoons.frames_to_float(item["frames"])[None]  # [1, T, H, W, 3]
     latents.append(np.asarray(encode(video))[0])
@@ -97,17 +102,13 @@ class _Examples(grain.RandomAccessDataSource):
 
 def batches(examples: Mapping[str, np.ndarray], global_batch: int, seed: int
             ) -> grain.DatasetIterator:
-  """Endless iterator of this process's share of each global batch.
+  """Endless iterator of this process's rows of each global batch, from its examples.
 
   Returns a grain iterator: `get_state()` / `set_state()` checkpoint it.
   """
-  n_proc, proc = jax.process_count(), jax.process_index()
+  n_proc = jax.process_count()
   if global_batch % n_proc:
     raise ValueError(f"train.batch_size {global_batch} is not divisible by the "
                      f"{n_proc} JAX processes")
-  ds = grain.MapDataset.source(_Examples(examples))
-  if len(ds) < n_proc:
-    raise ValueError(f"{len(ds)} examples cannot be shared by {n_proc} processes")
-  ds = ds[proc::n_proc].shuffle(seed=seed).repeat().batch(global_batch // n_proc,
-                                                         drop_remainder=True)
-  return iter(ds)
+  ds = grain.MapDataset.source(_Examples(examples)).shuffle(seed=seed).repeat()
+  return iter(ds.batch(global_batch // n_proc, drop_remainder=True))
