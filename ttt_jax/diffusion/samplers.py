@@ -131,6 +131,12 @@ def _make_predict_v(
   return predict_v
 
 
+def _steps(num_steps: int, schedule: NoiseSchedule) -> tuple[Array, Array]:
+  """Each step's timestep and the next one; -1 stands for abar = 1 (clean data)."""
+  ts = timesteps(num_steps, schedule)
+  return ts, jnp.concatenate([ts[1:], jnp.array([-1], jnp.int32)])
+
+
 def ddim_sample(
     denoise: Denoise,
     x_T: Array,
@@ -153,8 +159,7 @@ def ddim_sample(
   """
   if eta > 0 and rng is None:
     raise ValueError("ddim_sample with eta > 0 needs rng")
-  ts = timesteps(num_steps, schedule)  # [n]
-  ts_next = jnp.concatenate([ts[1:], jnp.array([-1], jnp.int32)])  # [n]
+  ts, ts_next = _steps(num_steps, schedule)  # [n] each
   predict_v = _make_predict_v(denoise, cond, uncond, num_steps,
                               guidance_scale, dynamic_cfg)
 
@@ -201,8 +206,7 @@ def dpmpp_2m_sample(
   """
   if sde and rng is None:
     raise ValueError("dpmpp_2m_sample with sde=True needs rng")
-  ts = timesteps(num_steps, schedule)  # [n]
-  ts_next = jnp.concatenate([ts[1:], jnp.array([-1], jnp.int32)])  # [n]
+  ts, ts_next = _steps(num_steps, schedule)  # [n] each
   ts_prev = jnp.concatenate([ts[:1], ts[:-1]])  # [n]; entry 0 unused
   predict_v = _make_predict_v(denoise, cond, uncond, num_steps,
                               guidance_scale, dynamic_cfg)
