@@ -10,7 +10,7 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.10",
-    packages=find_packages(include=["ttt_jax", "ttt_jax.*"]),
+    packages=find_packages(include=["ttt_jax", "ttt_jax.*", "pallas_kernels", "pallas_kernels.*"]),
     install_requires=[
         "jax>=0.6.0",
         "flax>=0.11.0",

@@ -91,7 +91,8 @@ def gelu_tanh_grad(x: Array) -> Array:
 
 
 # ----------------------------------------------------------------------------
-# One mini-batch step of each inner model. Leading axes [B, H] are batch axes.
+# One mini-batch step of each inner model. Any leading axes are batch axes:
+# [B, H] in the XLA scan, none inside a Pallas kernel (pallas_kernels/).
 # ----------------------------------------------------------------------------
 
 
@@ -114,54 +115,54 @@ def _matmul(matmul_dtype: DType, acc_dtype: DType) -> Callable[..., Array]:
 
 def _linear_step(state, inputs, *, ln_w, ln_b, eps, mm):
   """TTT-Linear: g(u) = u W + b."""
-  W, b = state  # [B, H, d, d], [B, H, 1, d]
-  xq, xk, xv, eta = inputs  # [B, H, K, d] x3, [B, H, K]
+  W, b = state  # [..., d, d], [..., 1, d]
+  xq, xk, xv, eta = inputs  # [..., K, d] x3, [..., K, 1]
   target = xv - xk
 
-  # Inner gradient at W_{b-1}, per token: grad_z [B, H, K, d].
-  z = mm("bhkd,bhde->bhke", xk, W) + b
+  # Inner gradient at W_{b-1}, per token: grad_z [..., K, d].
+  z = mm("...kd,...de->...ke", xk, W) + b
   y, x_hat, std = layer_norm_fwd(z, ln_w, ln_b, eps)
   grad_z = layer_norm_vjp(y - target, x_hat, std, ln_w)
-  eg = eta[..., None] * grad_z  # eta_j * grad_j
+  eg = eta * grad_z  # eta_j * grad_j
 
-  # Dual form read-out with W_b (non-causal): [B, H, K, d].
-  attn = mm("bhqd,bhkd->bhqk", xq, xk)  # [B, H, K, K]
+  # Dual form read-out with W_b (non-causal): [..., K, d].
+  attn = mm("...qd,...kd->...qk", xq, xk)  # [..., K, K]
   b_new = b - jnp.sum(eg, axis=-2, keepdims=True)
-  z_bar = mm("bhkd,bhde->bhke", xq, W) - mm("bhqk,bhkd->bhqd", attn, eg) + b_new
+  z_bar = mm("...kd,...de->...ke", xq, W) - mm("...qk,...kd->...qd", attn, eg) + b_new
   out = xq + layer_norm_fwd(z_bar, ln_w, ln_b, eps)[0]
 
-  W_new = W - mm("bhkd,bhke->bhde", xk, eg)
+  W_new = W - mm("...kd,...ke->...de", xk, eg)
   return (W_new, b_new), out
 
 
 def _mlp_step(state, inputs, *, ln_w, ln_b, eps, mm):
   """TTT-MLP: g(u) = GELU_tanh(u W1 + b1) W2 + b2."""
-  W1, b1, W2, b2 = state  # [B, H, d, 4d], [B, H, 1, 4d], [B, H, 4d, d], [B, H, 1, d]
-  xq, xk, xv, eta = inputs  # [B, H, K, d] x3, [B, H, K]
+  W1, b1, W2, b2 = state  # [..., d, F], [..., 1, F], [..., F, d], [..., 1, d]
+  xq, xk, xv, eta = inputs  # [..., K, d] x3, [..., K, 1]
   target = xv - xk
 
   # Forward and hand-written backward of the inner loss at W_{b-1}.
-  z1 = mm("bhkd,bhdf->bhkf", xk, W1) + b1  # [B, H, K, 4d]
+  z1 = mm("...kd,...df->...kf", xk, W1) + b1  # [..., K, F]
   x2 = gelu_tanh(z1)
-  z2 = mm("bhkf,bhfd->bhkd", x2, W2) + b2  # [B, H, K, d]
+  z2 = mm("...kf,...fd->...kd", x2, W2) + b2  # [..., K, d]
   y, x_hat, std = layer_norm_fwd(z2, ln_w, ln_b, eps)
   grad_z2 = layer_norm_vjp(y - target, x_hat, std, ln_w)
-  grad_z1 = mm("bhkd,bhfd->bhkf", grad_z2, W2) * gelu_tanh_grad(z1)
-  e1 = eta[..., None] * grad_z1
-  e2 = eta[..., None] * grad_z2
+  grad_z1 = mm("...kd,...fd->...kf", grad_z2, W2) * gelu_tanh_grad(z1)
+  e1 = eta * grad_z1
+  e2 = eta * grad_z2
 
   # Dual form read-out through both layers with the updated weights.
   b1_new = b1 - jnp.sum(e1, axis=-2, keepdims=True)
   b2_new = b2 - jnp.sum(e2, axis=-2, keepdims=True)
-  attn1 = mm("bhqd,bhkd->bhqk", xq, xk)  # [B, H, K, K]
-  z1_bar = mm("bhkd,bhdf->bhkf", xq, W1) - mm("bhqk,bhkf->bhqf", attn1, e1) + b1_new
+  attn1 = mm("...qd,...kd->...qk", xq, xk)  # [..., K, K]
+  z1_bar = mm("...kd,...df->...kf", xq, W1) - mm("...qk,...kf->...qf", attn1, e1) + b1_new
   x2_bar = gelu_tanh(z1_bar)
-  attn2 = mm("bhqf,bhkf->bhqk", x2_bar, x2)  # [B, H, K, K]
-  z2_bar = mm("bhkf,bhfd->bhkd", x2_bar, W2) - mm("bhqk,bhkd->bhqd", attn2, e2) + b2_new
+  attn2 = mm("...qf,...kf->...qk", x2_bar, x2)  # [..., K, K]
+  z2_bar = mm("...kf,...fd->...kd", x2_bar, W2) - mm("...qk,...kd->...qd", attn2, e2) + b2_new
   out = xq + layer_norm_fwd(z2_bar, ln_w, ln_b, eps)[0]
 
-  W1_new = W1 - mm("bhkd,bhkf->bhdf", xk, e1)
-  W2_new = W2 - mm("bhkf,bhkd->bhfd", x2, e2)
+  W1_new = W1 - mm("...kd,...kf->...df", xk, e1)
+  W2_new = W2 - mm("...kf,...kd->...fd", x2, e2)
   return (W1_new, b1_new, W2_new, b2_new), out
 
 
@@ -234,8 +235,8 @@ def _run(step_fn, q, k, v, eta, ln_weight, ln_bias, weights, *, remat_group,
   matmul_dtype = state_dtype if matmul_dtype is None else matmul_dtype
   state = tuple(
       jnp.broadcast_to(w.astype(state_dtype)[None], (B, *w.shape)) for w in weights)
-  # Scan axis first: [NC, B, H, K, ...].
-  xs = tuple(jnp.moveaxis(x.astype(state_dtype), 2, 0) for x in (q, k, v, eta))
+  # Scan axis first: [NC, B, H, K, d] (eta [NC, B, H, K, 1]).
+  xs = tuple(jnp.moveaxis(x.astype(state_dtype), 2, 0) for x in (q, k, v, eta[..., None]))
   step = functools.partial(
       step_fn,
       ln_w=ln_weight.astype(state_dtype)[None, :, None, :],  # [1, H, 1, d]
