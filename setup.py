@@ -27,6 +27,6 @@ setup(
         "imageio-ffmpeg>=0.5",
     ],
     extras_require={
-        "test": ["pytest>=8.0", "pytest-xdist>=3.5"],
+        "test": ["pytest>=8.0", "pytest-xdist>=3.5", "ipython>=8.0"],
     },
 )

@@ -76,7 +76,10 @@ class Checkpointer:
 def load_params(workdir: str | pathlib.Path, model: nnx.Module) -> int:
   """Loads the latest params of another run (e.g. the previous stage) into `model`."""
   directory = _params_dir(workdir)
-  with ocp.CheckpointManager(directory, item_names=("params",)) as manager:
+  if not directory.is_dir():  # checked first: the manager would create it
+    raise FileNotFoundError(f"no checkpoint to initialise from in {directory}")
+  with ocp.CheckpointManager(directory, item_names=("params",),
+                             options=ocp.CheckpointManagerOptions(read_only=True)) as manager:
     step = manager.latest_step()
     if step is None:
       raise FileNotFoundError(f"no checkpoint to initialise from in {directory}")

@@ -53,7 +53,7 @@ def train_step(model: dit.VideoDiT, optimizer: nnx.Optimizer, batch: dict[str, j
                rng: jax.Array, **loss_kw: Any) -> dict[str, jax.Array]:
   loss, grads = nnx.value_and_grad(functools.partial(loss_fn, **loss_kw))(model, batch, rng)
   optimizer.update(model, grads)
-  return {"loss": loss, "grad_norm": optax.global_norm(grads)}
+  return {"loss": loss, "grad_norm": optax.tree.norm(grads)}
 
 
 def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[str, float]:

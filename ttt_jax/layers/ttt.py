@@ -36,7 +36,8 @@ from flax import nnx
 
 from ttt_jax.data.layout import VideoLayout
 from ttt_jax.layers.rope import apply_rope, rope_angles
-from ttt_jax.ops import ttt_linear, ttt_mlp
+from ttt_jax.ops import inner_loop
+from ttt_jax.ops.dispatch import IMPLS
 
 Array = jax.Array
 
@@ -60,17 +61,23 @@ class TTT(nnx.Module):
     base_lr: inner base learning rate (default 1.0 linear, 0.1 mlp).
     remat_group: checkpoint the inner scan every this many mini-batches.
     matmul_dtype: dtype of the inner loop's matmul operands (None: fp32).
+    impl: inner-loop implementation, 'xla' (lax.scan) or 'pallas' (fused TPU
+      kernels; remat_group keeps its meaning), see `ttt_jax.ops.ttt`.
+    pallas_interpret: run the Pallas kernels in interpret mode (CPU tests).
     dtype: compute dtype of the projections; param_dtype: of the parameters.
   """
 
   def __init__(self, width: int, num_heads: int, *, inner: str = "mlp",
                mini_batch_size: int = 64, base_lr: float | None = None,
                remat_group: int | None = None, matmul_dtype: Any = None,
+               impl: str = "xla", pallas_interpret: bool = False,
                mlp_ratio: int = 4, rope_theta: float = 10000.0,
                dtype: Any = jnp.float32, param_dtype: Any = jnp.float32,
                rngs: nnx.Rngs):
     if inner not in DEFAULT_BASE_LR:
       raise ValueError(f"TTT inner model must be one of {sorted(DEFAULT_BASE_LR)}, got {inner!r}")
+    if impl not in IMPLS:
+      raise ValueError(f"TTT impl must be one of {list(IMPLS)}, got {impl!r}")
     if width % num_heads:
       raise ValueError(f"TTT width {width} is not divisible by num_heads {num_heads}")
     if mini_batch_size < 1:
@@ -80,6 +87,7 @@ class TTT(nnx.Module):
     self.inner, self.mini_batch_size = inner, mini_batch_size
     self.base_lr = DEFAULT_BASE_LR[inner] if base_lr is None else base_lr
     self.remat_group, self.matmul_dtype = remat_group, matmul_dtype
+    self.impl, self.pallas_interpret = impl, pallas_interpret
     self.rope_theta = rope_theta
 
     init = nnx.initializers.normal(0.02)
@@ -142,9 +150,9 @@ class TTT(nnx.Module):
       raise ValueError(f"TTT input has shape {x.shape}, expected [B, {layout.seq_len}, "
                        f"{self.width}] for {layout}")
     q, k, v, eta = self.inner_inputs(x, layout, reverse=reverse)
-    op = ttt_linear if self.inner == "linear" else ttt_mlp
-    z = op(q, k, v, eta, self.ln_weight[...], self.ln_bias[...], *self.fast_weights(),
-           remat_group=self.remat_group, matmul_dtype=self.matmul_dtype)
+    z = inner_loop(self.inner, self.impl, q, k, v, eta, self.ln_weight[...],
+                   self.ln_bias[...], *self.fast_weights(), remat_group=self.remat_group,
+                   matmul_dtype=self.matmul_dtype, interpret=self.pallas_interpret)
     z = z.transpose(0, 2, 3, 1, 4).reshape(B, -1, D)[:, :L]  # [B, L, D] TTT order
     out = self.o_proj(self.post_norm(z))
     return out[:, layout.from_ttt_order(reverse)]

@@ -1,0 +1,685 @@
+"""Fused Pallas TPU (Mosaic) kernels for the TTT inner loop, both inner models.
+
+`ttt_linear_pallas` and `ttt_mlp_pallas` are drop-in replacements for
+`ttt_jax.ops.ttt_linear` and `ttt_jax.ops.ttt_mlp` (same arguments,
+semantics, output dtypes and gradients; `remat_group` means the same
+memory/compute trade-off, see "Residuals"): the dual-form mini-batch GD step
+on the fast weights of every (batch, head) stream, with the non-causal
+read-out of each mini-batch through the post-update weights, fp32 state and
+matmul operands in `matmul_dtype`.
+
+One forward and one backward kernel serve both inner models. They are
+parametrised by the op's own per-mini-batch step function and by the tuple
+of fast-weight arrays; every scratch buffer and in/out BlockSpec for the
+weights is built from those arrays' shapes (per head):
+  TTT-Linear  step `_linear_step`, weights (W [d, d], b [1, d])
+  TTT-MLP     step `_mlp_step`,    weights (W1 [d, F], b1 [1, F], W2 [F, d], b2 [1, d])
+Below, "the weights" is the whole tuple.
+
+Design
+------
+Layout. The wrapper flattens (B, H) into one stream axis BH = B * H (a free
+reshape of the contiguous [B, H, ...] inputs): q, k, v -> [BH, NC, K, d],
+eta -> [BH, NC, 1, K], ln_weight/ln_bias -> [H, 1, d]. Every block spans
+the full two trailing dims of its array, so the TPU rule "the last two dims
+of a block are divisible by (8, 128) or equal the array's dims" holds for
+any K, d and F, and the kernels see plain 2-D tiles:
+  q, k, v, z  [K, d]     eta  [1, K]     ln_weight, ln_bias  [1, d]
+  each fast weight its own tile ([d, d], [1, d] / [d, F], [1, F], [F, d], [1, d])
+eta is stored as a lane-dense [1, K] row. The step needs it as a [K, 1]
+column (it scales the rows of the [K, d] / [K, F] inner gradients), but a
+[.., K, 1] array has a minor dim of 1, which the (8, 128) TPU tiling pads to
+128 lanes (always in VMEM, and in HBM under XLA's default tiled layouts): up
+to a 128x blow-up of eta and of its gradient. The kernel turns the row into
+a column exactly with ops Mosaic lowers everywhere (see `_eta_column`);
+autodiff turns the column cotangent back into a row. The head of stream bh
+is bh % H, so the per-head initial weights, ln_weight and ln_bias are read
+through the index_map (no [B, H, ...] broadcast in HBM). K, d and F must be
+multiples of 8 (the fp32 sublane tile: they are the row counts of the
+[K, d], [K, K], [d, d], [d, F] and [F, d] tiles); d = 128 fills the 128
+lanes, d = 64 (CogVideoX's head dim) uses half of each vreg but is legal.
+
+Forward kernel. grid = (BH, NC) with dimension_semantics ("parallel",
+"arbitrary"): the stream axis may be split across TensorCores, the
+mini-batch axis runs in order on one core. The weights live in fp32 VMEM
+scratch (one buffer per array) across the NC axis: loaded from the initial
+weights at nc == 0, updated in place by each step, written to the
+final-weight outputs (blocks whose index does not move along NC, hence
+resident in VMEM and written back once) at the last nc. One grid step = one
+mini-batch of one stream: q/k/v/eta blocks are pipelined (double-buffered)
+by Pallas while the previous mini-batch runs.
+
+Residuals for the backward. The forward used under autodiff also writes
+checkpoints: the weights that every G-th mini-batch STARTS from, an fp32
+[BH, ceil(NC / G), *shape] array per weight (the output block index is
+nc // G, written at nc % G == 0), where G = remat_group (None: G = 1, a
+checkpoint per mini-batch, no recompute). Primal calls that are not
+differentiated use a kernel variant that writes no checkpoints.
+
+Per stream and mini-batch, in fp32 bytes, with K = 64, d = 64, F = 4d = 256:
+  the mini-batch's own q, k, v     3 K d           48 KiB (24 KiB in bf16)
+  TTT-Linear checkpoint            d^2 + d         16.3 KiB
+  TTT-MLP checkpoint               2dF + F + d     129.3 KiB  (= 8d^2 + 5d)
+  for reference, autodiff of the op's lax.scan without remat keeps the
+  carried weights and the step's [K, d], [K, F], [K, K] intermediates:
+  ~240 KiB (TTT-Linear), ~1.9 MiB (TTT-MLP) per mini-batch (measured with
+  jax's saved_residuals, inputs included).
+  * TTT-Linear: a checkpoint per mini-batch (G = 1) costs a third of the
+    fp32 inputs, and the backward then needs no forward re-run: each reverse
+    step re-derives its own mini-batch from its starting weights (inside
+    jax.vjp) and nothing else, one simple sequential pass with O(d^2) VMEM.
+  * TTT-MLP: a checkpoint per mini-batch is 2.7x the fp32 inputs (5.4x
+    bf16 ones), and it is an HBM buffer that lives from the forward to the
+    backward: e.g. 48 heads x 1024 mini-batches (65k tokens) x 129 KiB =
+    6.1 GiB per layer call and sample. Still well below the XLA scan's
+    residuals without remat, but the dominant activation of the layer.
+    Hence remat_group = G: only every G-th starting state is stored (/ G
+    in HBM; G = 4 brings TTT-MLP to 32 KiB per mini-batch, below its fp32
+    inputs) and the backward kernel re-runs the G - 1 forward steps inside
+    each group from its checkpoint. Cost: (G - 1) / G of one extra forward
+    pass in total (the op's `remat_group` re-runs whole groups: one extra
+    forward), G weight sets of
+    VMEM stash (129 KiB each at d = 64, F = 256) and G-times larger token
+    blocks in the backward; `_check_kernel_constraints` rejects a G whose
+    VMEM estimate exceeds the budget. G = 1 remains the default for both
+    models, matching the op, whose remat_group=None keeps every step's
+    residuals; pass remat_group (the dispatcher `ttt_jax.ops.ttt` forwards
+    the layer's) when the checkpoints are the memory bottleneck.
+
+Backward kernel. grid = (BH, ceil(NC / G)), walking the groups of G
+mini-batches backwards through the index_map (group = NG - 1 - g); token,
+eta and dz blocks span the G mini-batches of a group, the checkpoint block
+is the group's. The cotangents of the carried weights live in fp32 VMEM
+scratch (seeded at the first reverse step with the cotangent of the final
+weights, which is zero unless the caller differentiates them), as do the
+running sums of the LayerNorm parameter gradients. Per group: the
+checkpoint is copied to stash[0] and the first n - 1 forward steps are
+re-run into stash[1 .. n-1] (n = G, or the remainder for the last group
+when G does not divide NC: a partial block, whose out-of-range rows are
+never read, guarded by pl.when; Pallas drops its out-of-range writes).
+Then for j = n - 1 .. 0 the kernel calls `jax.vjp` of the very same step
+function the forward kernel runs, at stash[j] and mini-batch j, with
+cotangents (dweights, dz_j), and gets dweights_{j-1}, dq, dk, dv, deta,
+dln_weight, dln_bias in one go. With G = 1 there is no stash and no loop:
+the checkpoint block is the starting state. The per-stream gradients of the
+initial weights and of ln_weight, ln_bias are written at the last reverse
+step; the wrapper sums them over B.
+
+Shared math. Both kernels run `_kernel_step`: `_eta_column` followed by the
+op's own `ttt_jax.ops.ttt._linear_step` / `_mlp_step` (batch-polymorphic
+einsums, here on plain 2-D tiles), so the XLA scan and the kernels share one
+definition of each step.
+
+Matmul precision. With matmul_dtype = fp32 every matmul (forward and
+backward) has fp32 operands at Precision.HIGHEST, as in the op. With
+matmul_dtype = bf16 the forward matmuls are exactly the op's (bf16
+operands, fp32 accumulation). In the backward, autodiff of the op pairs an
+fp32 cotangent with a bf16 operand: a mixed-dtype matmul, which Mosaic's
+matmul canonicalisation only accepts in its compatibility mode, and which
+XLA:TPU at DEFAULT precision is expected to run as a single bf16 MXU pass
+anyway. The kernel's matmul therefore carries a custom VJP
+(`_kernel_matmul`) that rounds the cotangent to bf16 as well, so every
+backward matmul is a native bf16 x bf16 -> fp32 MXU op. On CPU the op
+computes those mixed matmuls in fp32, so bf16 gradients differ from the
+op's by about one bf16 rounding of the cotangents per matmul (0.4 %; the
+tests bound it and check the kernel's bf16 gradients are about as accurate
+as the op's). For fp32 the custom VJP is the same math as autodiff,
+arranged so no explicit transposes are emitted.
+
+Everything else (LayerNorm statistics, GELU, the inner gradients, the state
+and all reductions) is fp32, as in the op; fp64 has no Pallas TPU lowering
+and is rejected.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import numbers
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+
+from ttt_jax.ops.ttt import LN_EPS, _check, _check_tokens, _linear_step, _matmul, _mlp_step
+
+Array = jax.Array
+DType = Any
+
+_F32 = jnp.dtype(jnp.float32)
+_BF16 = jnp.dtype(jnp.bfloat16)
+# dtypes the kernels read and write natively; other token dtypes (f16, or f64
+# for k/v when q is not f64) are cast to fp32 by the wrapper, which is exact
+# for f16 and what the op does anyway.
+_KERNEL_DTYPES = (_F32, _BF16)
+_MATMUL_DTYPES = (_F32, _BF16)
+_SUBLANES = 8  # fp32 rows per vreg: K, d and F are row counts of kernel tiles
+_LANES = 128
+# Smallest default scoped-VMEM limit across TPU generations; the kernels
+# keep everything for one mini-batch (one group of G in the backward) in
+# VMEM and are not tiled further.
+_VMEM_BUDGET_BYTES = 16 * 2**20
+
+
+@dataclasses.dataclass(frozen=True)
+class _InnerModel:
+  """What the shared kernels need to know about an inner model."""
+  name: str  # the op's name: "ttt_linear" / "ttt_mlp"
+  op_step: Callable[..., Any]  # the op's batch-polymorphic step
+  # Live intermediates of the step's VJP, for the VMEM estimate: [K, F]
+  # tiles (beyond the [K, d] ones) and [K, K] tiles.
+  kf_temps: int
+  kk_temps: int
+
+
+_LINEAR = _InnerModel("ttt_linear", _linear_step, kf_temps=0, kk_temps=5)
+_MLP = _InnerModel("ttt_mlp", _mlp_step, kf_temps=14, kk_temps=8)
+
+
+# ----------------------------------------------------------------------------
+# The per-mini-batch step (pure jnp; traced inside both kernels).
+# ----------------------------------------------------------------------------
+
+
+def _kernel_matmul(matmul_dtype: DType) -> Callable[..., Array]:
+  """The op's `_matmul` with a hand-written VJP made of same-dtype 2-D matmuls.
+
+  Forward: exactly `ttt_jax.ops.ttt._matmul(matmul_dtype, fp32)` (operands
+  cast to matmul_dtype, fp32 accumulation, HIGHEST precision for fp32).
+  Backward: dA = einsum("Z,Y->X", g, B), dB = einsum("X,Z->Y", A, g) through
+  the same `_matmul`, so
+    * for bf16 the fp32 cotangent is rounded to bf16 too and both cotangent
+      matmuls are native bf16 x bf16 -> fp32 MXU ops (autodiff of the op
+      would pair an fp32 cotangent with a bf16 operand: a mixed-dtype matmul
+      that Mosaic only accepts in compatibility mode);
+    * for fp32 it is the same math as autodiff, but with the operands put in
+      the order whose dot_general result needs no transpose (autodiff emits
+      a matmul followed by a [K, d] / [d, d] transpose for half of them).
+  Specs are 2-D matmul-like einsums "X,Y->Z" in which every index appears in
+  exactly two of the three terms.
+  """
+  base = _matmul(matmul_dtype, _F32)
+
+  def ordered(lhs_spec, rhs_spec, out_spec, lhs, rhs):
+    # Put the operand whose free index leads the output first, so the
+    # dot_general result needs no transpose.
+    if lhs_spec.find(out_spec[0]) < 0:
+      lhs_spec, rhs_spec, lhs, rhs = rhs_spec, lhs_spec, rhs, lhs
+    return base(f"{lhs_spec},{rhs_spec}->{out_spec}", lhs, rhs)
+
+  @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+  def mm_2d(spec, a, b):
+    return base(spec, a, b)
+
+  def mm_fwd(spec, a, b):
+    return base(spec, a, b), (a, b)
+
+  def mm_bwd(spec, res, g):
+    a, b = res
+    ins, z = spec.split("->")
+    x, y = ins.split(",")
+    # `base` casts g and the operands to matmul_dtype; the results are cast
+    # through matmul_dtype like the transpose of the op's operand casts.
+    da = ordered(z, y, x, g, b).astype(matmul_dtype).astype(a.dtype)
+    db = ordered(x, z, y, a, g).astype(matmul_dtype).astype(b.dtype)
+    return da, db
+
+  mm_2d.defvjp(mm_fwd, mm_bwd)
+  # The shared step writes batch-polymorphic "...kd,...de->...ke" specs; the
+  # kernel's operands are plain 2-D tiles.
+  return lambda spec, a, b: mm_2d(spec.replace("...", ""), a, b)
+
+
+def _eta_column(eta_row: Array) -> Array:
+  """[1, K] row -> [K, 1] column, exactly.
+
+  A reshape or transpose would move K from lanes to sublanes, a relayout
+  Mosaic does not lower for every shape. Instead: broadcast the row down the
+  sublanes, keep the diagonal and reduce over lanes (one nonzero term per
+  row, so the sum is exact). iota, select and reductions lower on every TPU
+  generation, and the autodiff transpose is the mirror image (a sublane
+  reduction), which brings the [K, 1] cotangent back to a [1, K] row.
+  """
+  K = eta_row.shape[-1]
+  rows = jax.lax.broadcasted_iota(jnp.int32, (K, K), 0)
+  cols = jax.lax.broadcasted_iota(jnp.int32, (K, K), 1)
+  diag = jnp.where(rows == cols, jnp.broadcast_to(eta_row, (K, K)), 0.0)
+  return jnp.sum(diag, axis=1, keepdims=True)
+
+
+def _kernel_step(weights, xq, xk, xv, eta_row, ln_w, ln_b, *, op_step, mm, eps):
+  """The op's step (`_linear_step` / `_mlp_step`) on one stream's 2-D tiles,
+  eta given as its [1, K] VMEM row. Returns (new weights tuple, out [K, d])."""
+  return op_step(tuple(weights), (xq, xk, xv, _eta_column(eta_row)),
+                 ln_w=ln_w, ln_b=ln_b, eps=eps, mm=mm)
+
+
+# ----------------------------------------------------------------------------
+# Kernels, generic over the tuple of n_w fast-weight refs.
+# ----------------------------------------------------------------------------
+
+
+def _split(refs: Sequence[Any], *sizes: int) -> list[tuple[Any, ...]]:
+  """Cut the flat kernel ref list into consecutive groups of the given sizes."""
+  assert sum(sizes) == len(refs), (sizes, len(refs))
+  out, i = [], 0
+  for n in sizes:
+    out.append(tuple(refs[i:i + n]))
+    i += n
+  return out
+
+
+def _fwd_kernel(*refs, step, n_w, group, save_ckpt):
+  (q_ref, k_ref, v_ref, eta_ref, lnw_ref, lnb_ref), w0_refs, (z_ref,), wf_refs, \
+      ckpt_refs, w_scr = _split(refs, 6, n_w, 1, n_w, n_w if save_ckpt else 0, n_w)
+  nc = pl.program_id(1)
+
+  @pl.when(nc == 0)
+  def _init():
+    for s, w0 in zip(w_scr, w0_refs):
+      s[...] = w0[...]
+
+  weights = tuple(s[...] for s in w_scr)
+
+  if save_ckpt:
+    @pl.when(jax.lax.rem(nc, group) == 0 if group > 1 else True)
+    def _checkpoint():  # the weights this mini-batch (the first of its group) starts from
+      for c, w in zip(ckpt_refs, weights):
+        c[...] = w
+
+  new_weights, out = step(
+      weights, q_ref[...].astype(_F32), k_ref[...].astype(_F32),
+      v_ref[...].astype(_F32), eta_ref[...], lnw_ref[...], lnb_ref[...])
+  z_ref[...] = out.astype(z_ref.dtype)
+  for s, w in zip(w_scr, new_weights):
+    s[...] = w
+
+  @pl.when(nc == pl.num_programs(1) - 1)
+  def _final():
+    for f, s in zip(wf_refs, w_scr):
+      f[...] = s[...]
+
+
+def _loop(n: int, body: Callable[[Any], None], *, reverse: bool = False) -> None:
+  """body(j) for j in range(n) (reversed if asked); no loop at all for n == 1."""
+  if n == 1:
+    body(0)
+  elif n > 1:
+    def f(i, carry):
+      body(n - 1 - i if reverse else i)
+      return carry
+    jax.lax.fori_loop(0, n, f, None)
+
+
+def _bwd_kernel(*refs, step, n_w, group, n_chunks):
+  stash_n = n_w if group > 1 else 0
+  (q_ref, k_ref, v_ref, eta_ref, lnw_ref, lnb_ref), ckpt_refs, (dz_ref,), dwf_refs, \
+      (dq_ref, dk_ref, dv_ref, deta_ref, dlnw_ref, dlnb_ref), dw0_refs, \
+      dw_scr, stash, (dlnw_scr, dlnb_scr) = _split(
+          refs, 6, n_w, 1, n_w, 6, n_w, n_w, stash_n, 2)
+  g = pl.program_id(1)  # reverse step: group NG - 1 - g
+  n_groups = -(-n_chunks // group)
+
+  @pl.when(g == 0)
+  def _init():
+    for s, dwf in zip(dw_scr, dwf_refs):
+      s[...] = dwf[...]
+    dlnw_scr[...] = jnp.zeros_like(dlnw_scr)
+    dlnb_scr[...] = jnp.zeros_like(dlnb_scr)
+
+  # Mini-batches of this group that exist (fewer than G only in the last
+  # group, when G does not divide NC); Python True where no guard is needed.
+  if n_chunks % group:
+    n_valid = jnp.minimum(group, n_chunks - (n_groups - 1 - g) * group)
+    valid = lambda j: j < n_valid
+  else:
+    valid = lambda j: True
+
+  def inputs(j):  # mini-batch j of the group, in the step's argument order
+    return (q_ref[j].astype(_F32), k_ref[j].astype(_F32), v_ref[j].astype(_F32),
+            eta_ref[j], lnw_ref[...], lnb_ref[...])
+
+  if group == 1:
+    start = lambda j: tuple(c[...] for c in ckpt_refs)
+  else:
+    start = lambda j: tuple(s[j] for s in stash)
+    for s, c in zip(stash, ckpt_refs):
+      s[0] = c[...]
+
+    def recompute(j):  # stash[j + 1] = the weights after mini-batch j
+      @pl.when(valid(j + 1))
+      def _():
+        new_weights, _ = step(start(j), *inputs(j))
+        for s, w in zip(stash, new_weights):
+          s[j + 1] = w
+
+    _loop(group - 1, recompute)
+
+  def reverse_step(j):
+    @pl.when(valid(j))
+    def _():
+      _, step_vjp = jax.vjp(step, start(j), *inputs(j))
+      dweights, dq, dk, dv, deta, dlnw, dlnb = step_vjp(
+          (tuple(s[...] for s in dw_scr), dz_ref[j].astype(_F32)))
+      dq_ref[j] = dq.astype(dq_ref.dtype)
+      dk_ref[j] = dk.astype(dk_ref.dtype)
+      dv_ref[j] = dv.astype(dv_ref.dtype)
+      deta_ref[j] = deta
+      for s, dw in zip(dw_scr, dweights):
+        s[...] = dw
+      dlnw_scr[...] += dlnw
+      dlnb_scr[...] += dlnb
+
+  _loop(group, reverse_step, reverse=True)
+
+  @pl.when(g == n_groups - 1)
+  def _final():
+    for o, s in zip(dw0_refs, dw_scr):
+      o[...] = s[...]
+    dlnw_ref[...] = dlnw_scr[...]
+    dlnb_ref[...] = dlnb_scr[...]
+
+
+# ----------------------------------------------------------------------------
+# pallas_call builders.
+# ----------------------------------------------------------------------------
+
+_SQ = pl.squeezed
+
+
+def _zeros(shape) -> tuple[int, ...]:
+  return (0,) * len(shape)
+
+
+def _tok_spec(rows: int, cols: int, lead: Any, chunk: Callable) -> pl.BlockSpec:
+  """[BH, NC, rows, cols] token-like array; per grid step one mini-batch
+  (lead = squeezed: [rows, cols] refs) or a group of `lead` ([lead, rows, cols])."""
+  return pl.BlockSpec((_SQ, lead, rows, cols), lambda bh, i: (bh, chunk(i), 0, 0))
+
+
+def _head_spec(shape, H: int) -> pl.BlockSpec:
+  """[H, *shape] per-head array, read by stream bh as head bh % H."""
+  return pl.BlockSpec((_SQ, *shape), lambda bh, i: (bh % H, *_zeros(shape)))
+
+
+def _stream_spec(shape) -> pl.BlockSpec:
+  """[BH, *shape] per-stream array, resident across the grid's second axis."""
+  return pl.BlockSpec((_SQ, *shape), lambda bh, i: (bh, *_zeros(shape)))
+
+
+def _ckpt_spec(shape, index: Callable) -> pl.BlockSpec:
+  """[BH, NG, *shape] checkpoints; grid step i uses checkpoint index(i)."""
+  return pl.BlockSpec((_SQ, _SQ, *shape), lambda bh, i: (bh, index(i), *_zeros(shape)))
+
+
+def _compiler_params():
+  return pltpu.CompilerParams(dimension_semantics=("parallel", "arbitrary"))
+
+
+def _forward_call(q, k, v, eta, ln_w, ln_b, weights0, *, H, z_dtype, step, group,
+                  save_ckpt, name, interpret):
+  BH, NC, K, d = q.shape
+  shapes = [w.shape[1:] for w in weights0]
+  n_groups = -(-NC // group)
+  chunk = lambda i: i
+  tok, row = _tok_spec(K, d, _SQ, chunk), _tok_spec(1, K, _SQ, chunk)
+  vec = _head_spec((1, d), H)
+  sds = jax.ShapeDtypeStruct
+  out_specs = [tok] + [_stream_spec(s) for s in shapes]
+  out_shape = [sds((BH, NC, K, d), z_dtype)] + [sds((BH, *s), _F32) for s in shapes]
+  if save_ckpt:
+    # lax.div, not //: jnp's floor division of ints emits lax.sign, whose
+    # Mosaic lowering queries the TPU generation (unavailable when exporting
+    # from a CPU host); for the non-negative i it is the same.
+    out_specs += [_ckpt_spec(s, lambda i: jax.lax.div(i, group)) for s in shapes]
+    out_shape += [sds((BH, n_groups, *s), _F32) for s in shapes]
+  return pl.pallas_call(
+      functools.partial(_fwd_kernel, step=step, n_w=len(shapes), group=group,
+                        save_ckpt=save_ckpt),
+      grid=(BH, NC),
+      in_specs=[tok, tok, tok, row, vec, vec] + [_head_spec(s, H) for s in shapes],
+      out_specs=out_specs,
+      out_shape=out_shape,
+      scratch_shapes=[pltpu.VMEM(s, _F32) for s in shapes],
+      compiler_params=_compiler_params(),
+      interpret=interpret,
+      name=f"{name}_fwd" + ("_res" if save_ckpt else ""),
+  )(q, k, v, eta, ln_w, ln_b, *weights0)
+
+
+def _backward_call(q, k, v, eta, ln_w, ln_b, ckpts, dz, dweights_f, *, H, step, group,
+                   name, interpret):
+  BH, NC, K, d = q.shape
+  shapes = [w.shape[2:] for w in ckpts]
+  n_groups = -(-NC // group)
+  rev = lambda i: n_groups - 1 - i
+  tok, row = _tok_spec(K, d, group, rev), _tok_spec(1, K, group, rev)
+  vec = _head_spec((1, d), H)
+  svec = _stream_spec((1, d))
+  sds = jax.ShapeDtypeStruct
+  scratch = [pltpu.VMEM(s, _F32) for s in shapes]  # cotangents of the weights
+  if group > 1:
+    scratch += [pltpu.VMEM((group, *s), _F32) for s in shapes]  # recomputed states
+  scratch += [pltpu.VMEM((1, d), _F32), pltpu.VMEM((1, d), _F32)]
+  return pl.pallas_call(
+      functools.partial(_bwd_kernel, step=step, n_w=len(shapes), group=group, n_chunks=NC),
+      grid=(BH, n_groups),
+      in_specs=([tok, tok, tok, row, vec, vec] + [_ckpt_spec(s, rev) for s in shapes]
+                + [tok] + [_stream_spec(s) for s in shapes]),
+      out_specs=[tok, tok, tok, row, svec, svec] + [_stream_spec(s) for s in shapes],
+      out_shape=([sds(q.shape, q.dtype), sds(k.shape, k.dtype), sds(v.shape, v.dtype),
+                  sds(eta.shape, _F32), sds((BH, 1, d), _F32), sds((BH, 1, d), _F32)]
+                 + [sds((BH, *s), _F32) for s in shapes]),
+      scratch_shapes=scratch,
+      compiler_params=_compiler_params(),
+      interpret=interpret,
+      name=f"{name}_bwd",
+  )(q, k, v, eta, ln_w, ln_b, *ckpts, dz, *dweights_f)
+
+
+def _make_core(model: _InnerModel, *, B: int, H: int, z_dtype: DType, matmul_dtype: DType,
+               group: int, eps: float, interpret: Any) -> Callable[..., Any]:
+  """custom_vjp over the kernel layout: (q, k, v, eta, ln_w, ln_b, weights0) ->
+  (z [BH, NC, K, d], final weights, each [BH, *shape])."""
+  step = functools.partial(_kernel_step, op_step=model.op_step,
+                           mm=_kernel_matmul(matmul_dtype), eps=eps)
+  call = functools.partial(_forward_call, H=H, z_dtype=z_dtype, step=step, group=group,
+                           name=model.name, interpret=interpret)
+
+  def split(outs, n_w):
+    return outs[0], tuple(outs[1:1 + n_w]), tuple(outs[1 + n_w:])
+
+  @jax.custom_vjp
+  def core(q, k, v, eta, ln_w, ln_b, weights0):
+    z, final, _ = split(call(q, k, v, eta, ln_w, ln_b, weights0, save_ckpt=False),
+                        len(weights0))
+    return z, final
+
+  def core_fwd(q, k, v, eta, ln_w, ln_b, weights0):
+    z, final, ckpts = split(call(q, k, v, eta, ln_w, ln_b, weights0, save_ckpt=True),
+                            len(weights0))
+    return (z, final), (q, k, v, eta, ln_w, ln_b, ckpts)
+
+  def core_bwd(res, cts):
+    q, k, v, eta, ln_w, ln_b, ckpts = res
+    dz, dfinal = cts
+    n_w = len(ckpts)
+    outs = _backward_call(
+        q, k, v, eta, ln_w, ln_b, ckpts, dz.astype(z_dtype),
+        [x.astype(_F32) for x in dfinal], H=H, step=step, group=group, name=model.name,
+        interpret=interpret)
+    dq, dk, dv, deta, dlnw, dlnb = outs[:6]
+    per_head = lambda x: x.reshape(B, H, *x.shape[1:]).sum(0)  # streams -> heads
+    return (dq, dk, dv, deta, per_head(dlnw), per_head(dlnb),
+            tuple(per_head(x) for x in outs[6:6 + n_w]))
+
+  core.defvjp(core_fwd, core_bwd)
+  return core
+
+
+# ----------------------------------------------------------------------------
+# Public entry points.
+# ----------------------------------------------------------------------------
+
+
+def _vmem_estimate_bytes(model: _InnerModel, K: int, d: int, weight_shapes, itemsize: int,
+                         group: int) -> int:
+  """Rough VMEM need of the backward kernel (the larger one), in bytes."""
+  pad = lambda n, m: -(-n // m) * m
+  tile = lambda rows, cols: pad(rows, _SUBLANES) * pad(cols, _LANES)  # fp32 elements
+  F = max(s[-1] for s in weight_shapes)  # hidden width (d for TTT-Linear)
+  tok, row, vec, kk, kf = tile(K, d), tile(1, K), tile(1, d), tile(K, K), tile(K, F)
+  wset = sum(tile(*s) for s in weight_shapes)  # one copy of the fast weights
+  # q, k, v, dz in and dq, dk, dv out (G mini-batches each), eta and deta,
+  # checkpoint, final-weight cotangent and dweights0, ln params and their grads.
+  blocks = 7 * group * tok * itemsize + 2 * group * row * 4 + 3 * wset * 4 + 4 * vec * 4
+  scratch = (1 + (group if group > 1 else 0)) * wset * 4 + 2 * vec * 4
+  temps = (12 * tok + model.kk_temps * kk + model.kf_temps * kf + 4 * wset) * 4
+  return 2 * blocks + scratch + temps  # in/out blocks are double-buffered
+
+
+def _check_kernel_constraints(model: _InnerModel, q, matmul_dtype, K: int, d: int,
+                              weight_shapes, group: int) -> None:
+  fn = f"{model.name}_pallas"
+  if jnp.dtype(q.dtype) == jnp.dtype(jnp.float64):
+    raise ValueError(
+        f"{fn}: q is float64, so {model.name} would run an fp64 state; "
+        f"Pallas TPU kernels have no fp64. Use ttt_jax.ops.{model.name} for fp64.")
+  if matmul_dtype not in _MATMUL_DTYPES:
+    raise ValueError(
+        f"{fn}: matmul_dtype must be float32 or bfloat16 (the MXU "
+        f"operand dtypes this kernel supports), got {matmul_dtype}")
+  dims = [("K (mini-batch size)", K), ("d (head dim)", d)]
+  if model is _MLP:
+    dims.append(("F (MLP hidden width)", weight_shapes[0][-1]))
+  for what, n in dims:
+    if n % _SUBLANES:
+      raise ValueError(
+          f"{fn}: {what} = {n} must be a multiple of {_SUBLANES}: it is the row "
+          f"count of some of the kernel's fp32 VMEM tiles ([K, d], [K, K], [d, d], "
+          f"[F, d]; TPU sublane tile {_SUBLANES}). d a multiple of {_LANES} uses full vregs.")
+  itemsize = jnp.dtype(q.dtype).itemsize if q.dtype in _KERNEL_DTYPES else 4
+  need = _vmem_estimate_bytes(model, K, d, weight_shapes, itemsize, group)
+  if need > _VMEM_BUDGET_BYTES:
+    raise ValueError(
+        f"{fn}: K = {K}, d = {d}, weights {[tuple(s) for s in weight_shapes]}, "
+        f"remat_group {group} need about {need / 2**20:.1f} MiB of VMEM per grid step "
+        f"(one mini-batch, or a group of remat_group in the backward, the fast weights "
+        f"and their cotangents are held whole), over the {_VMEM_BUDGET_BYTES // 2**20} "
+        f"MiB budget; use ttt_jax.ops.{model.name}, a smaller remat_group, mini-batch "
+        f"or head dim.")
+
+
+def _ttt_pallas(model: _InnerModel, q, k, v, eta, ln_weight, ln_bias, weights, B, H, NC, K,
+                d, *, matmul_dtype, return_final_weights, remat_group, eps, interpret):
+  """Shared wrapper: checks, kernel layout, custom_vjp core, output layout."""
+  _check("q", q, q.shape, "[B, H, NC, K, d]")  # dtype check
+  if remat_group is not None and (isinstance(remat_group, bool) or not isinstance(
+      remat_group, numbers.Integral) or remat_group < 1):
+    raise ValueError(f"remat_group must be a positive int or None, got {remat_group!r}")
+  group = 1 if remat_group is None else min(int(remat_group), NC)
+  matmul_dtype = _F32 if matmul_dtype is None else jnp.dtype(matmul_dtype)
+  shapes = [w.shape[1:] for w in weights]
+  _check_kernel_constraints(model, q, matmul_dtype, K, d, shapes, group)
+  if interpret is True:
+    interpret = pltpu.InterpretParams()
+
+  kernel_dtype = lambda x: x if x.dtype in _KERNEL_DTYPES else x.astype(_F32)
+  tokens = lambda x: kernel_dtype(x).reshape(B * H, NC, K, d)  # free reshapes
+  q_k = tokens(q)
+  core = _make_core(model, B=B, H=H, z_dtype=q_k.dtype, matmul_dtype=matmul_dtype,
+                    group=group, eps=eps, interpret=interpret)
+  z, final = core(
+      q_k, tokens(k), tokens(v),
+      eta.astype(_F32).reshape(B * H, NC, 1, K),
+      ln_weight.astype(_F32).reshape(H, 1, d), ln_bias.astype(_F32).reshape(H, 1, d),
+      tuple(w.astype(_F32) for w in weights))
+  z = z.reshape(B, H, NC, K, d).astype(q.dtype)
+  if return_final_weights:
+    return z, tuple(w.reshape(B, H, *w.shape[1:]) for w in final)
+  return z
+
+
+def ttt_linear_pallas(
+    q: Array, k: Array, v: Array, eta: Array,
+    ln_weight: Array, ln_bias: Array, W: Array, b: Array,
+    *,
+    matmul_dtype: DType | None = None,
+    return_final_weights: bool = False,
+    remat_group: int | None = None,
+    eps: float = LN_EPS,
+    interpret: bool | pltpu.InterpretParams = False,
+):
+  """TTT-Linear inner loop as fused Pallas TPU kernels; see `ttt_jax.ops.ttt_linear`.
+
+  Args:
+    q, k, v: [B, H, NC, K, d] queries, keys and values of each head.
+    eta: [B, H, NC, K] per-token inner learning rates.
+    ln_weight, ln_bias: [H, d] the per-head inner LayerNorm.
+    W: [H, d, d], b: [H, 1, d] initial fast weights of each head.
+    matmul_dtype: dtype of matmul operands, float32 or bfloat16 (None: fp32).
+    return_final_weights: also return the fast weights after the last step
+      (differentiable like z).
+    remat_group: store the fast weights for the backward only every this
+      many mini-batches and recompute the others inside the backward kernel
+      (None: every mini-batch, no recompute); see the module docstring. The
+      same trade-off as the op's remat_group; never changes the results.
+    eps: LayerNorm epsilon.
+    interpret: run the kernels in Pallas TPU interpret mode (on CPU). True
+      means `pltpu.InterpretParams()`; an `InterpretParams` is passed through.
+      Kernels traced under `pltpu.force_tpu_interpret_mode()` are
+      interpreted as well.
+
+  Returns:
+    z [B, H, NC, K, d] in q's dtype, and if asked (W [B, H, d, d],
+    b [B, H, 1, d]) in fp32.
+
+  Raises:
+    ValueError: for shapes, dtypes or remat_group values the kernels do not
+      support (see `_check_kernel_constraints`) and for mismatched shapes
+      (as the op).
+  """
+  B, H, NC, K, d = _check_tokens(q, k, v, eta, ln_weight, ln_bias)
+  _check("W", W, (H, d, d), "[H, d, d]")
+  _check("b", b, (H, 1, d), "[H, 1, d]")
+  return _ttt_pallas(_LINEAR, q, k, v, eta, ln_weight, ln_bias, (W, b), B, H, NC, K, d,
+                     matmul_dtype=matmul_dtype, return_final_weights=return_final_weights,
+                     remat_group=remat_group, eps=eps, interpret=interpret)
+
+
+def ttt_mlp_pallas(
+    q: Array, k: Array, v: Array, eta: Array,
+    ln_weight: Array, ln_bias: Array,
+    W1: Array, b1: Array, W2: Array, b2: Array,
+    *,
+    matmul_dtype: DType | None = None,
+    return_final_weights: bool = False,
+    remat_group: int | None = None,
+    eps: float = LN_EPS,
+    interpret: bool | pltpu.InterpretParams = False,
+):
+  """TTT-MLP inner loop as fused Pallas TPU kernels; see `ttt_jax.ops.ttt_mlp`.
+
+  Args:
+    W1: [H, d, F], b1: [H, 1, F], W2: [H, F, d], b2: [H, 1, d] initial fast
+      weights (F = 4d in the paper; any multiple of 8 works).
+    (the rest as in `ttt_linear_pallas`; remat_group matters most here: a
+    TTT-MLP checkpoint is 2dF + F + d floats per mini-batch and stream)
+
+  Returns:
+    z [B, H, NC, K, d] in q's dtype, and if asked the final (W1, b1, W2, b2)
+    in fp32 with a leading batch axis.
+  """
+  B, H, NC, K, d = _check_tokens(q, k, v, eta, ln_weight, ln_bias)
+  if W1.ndim != 3:
+    raise ValueError(f"W1 has shape {tuple(W1.shape)}, expected rank 3 [H, d, F]")
+  F = W1.shape[-1]
+  _check("W1", W1, (H, d, F), "[H, d, F]")
+  _check("b1", b1, (H, 1, F), "[H, 1, F]")
+  _check("W2", W2, (H, F, d), "[H, F, d]")
+  _check("b2", b2, (H, 1, d), "[H, 1, d]")
+  return _ttt_pallas(_MLP, q, k, v, eta, ln_weight, ln_bias, (W1, b1, W2, b2), B, H, NC, K,
+                     d, matmul_dtype=matmul_dtype, return_final_weights=return_final_weights,
+                     remat_group=remat_group, eps=eps, interpret=interpret)
