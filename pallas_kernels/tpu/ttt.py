@@ -143,7 +143,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from ttt_jax.ops.ttt import LN_EPS, _check, _check_tokens, _linear_step, _matmul, _mlp_step
+from ttt_jax.ops.ttt import (LN_EPS, _check, _check_tokens, _linear_step, _matmul, _mlp_step,
+                             check_linear_weights, check_mlp_weights)
 
 Array = jax.Array
 DType = Any
@@ -642,8 +643,7 @@ def ttt_linear_pallas(
       (as the op).
   """
   B, H, NC, K, d = _check_tokens(q, k, v, eta, ln_weight, ln_bias)
-  _check("W", W, (H, d, d), "[H, d, d]")
-  _check("b", b, (H, 1, d), "[H, 1, d]")
+  check_linear_weights(H, d, W, b)
   return _ttt_pallas(_LINEAR, q, k, v, eta, ln_weight, ln_bias, (W, b), B, H, NC, K, d,
                      matmul_dtype=matmul_dtype, return_final_weights=return_final_weights,
                      remat_group=remat_group, eps=eps, interpret=interpret)
@@ -673,13 +673,7 @@ def ttt_mlp_pallas(
     in fp32 with a leading batch axis.
   """
   B, H, NC, K, d = _check_tokens(q, k, v, eta, ln_weight, ln_bias)
-  if W1.ndim != 3:
-    raise ValueError(f"W1 has shape {tuple(W1.shape)}, expected rank 3 [H, d, F]")
-  F = W1.shape[-1]
-  _check("W1", W1, (H, d, F), "[H, d, F]")
-  _check("b1", b1, (H, 1, F), "[H, 1, F]")
-  _check("W2", W2, (H, F, d), "[H, F, d]")
-  _check("b2", b2, (H, 1, d), "[H, 1, d]")
+  check_mlp_weights(H, d, W1, b1, W2, b2)
   return _ttt_pallas(_MLP, q, k, v, eta, ln_weight, ln_bias, (W1, b1, W2, b2), B, H, NC, K,
                      d, matmul_dtype=matmul_dtype, return_final_weights=return_final_weights,
                      remat_group=remat_group, eps=eps, interpret=interpret)

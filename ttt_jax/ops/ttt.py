@@ -227,6 +227,24 @@ def _check_tokens(q, k, v, eta, ln_weight, ln_bias) -> tuple[int, int, int, int,
   return B, H, NC, K, d
 
 
+def check_linear_weights(H: int, d: int, W: Array, b: Array) -> None:
+  """TTT-Linear fast weights: W [H, d, d], b [H, 1, d]."""
+  _check("W", W, (H, d, d), "[H, d, d]")
+  _check("b", b, (H, 1, d), "[H, 1, d]")
+
+
+def check_mlp_weights(H: int, d: int, W1: Array, b1: Array, W2: Array, b2: Array) -> int:
+  """TTT-MLP fast weights: W1 [H, d, F], b1 [H, 1, F], W2 [H, F, d], b2 [H, 1, d]; returns F."""
+  if W1.ndim != 3:
+    raise ValueError(f"W1 has shape {tuple(W1.shape)}, expected rank 3 [H, d, F]")
+  F = W1.shape[-1]
+  _check("W1", W1, (H, d, F), "[H, d, F]")
+  _check("b1", b1, (H, 1, F), "[H, 1, F]")
+  _check("W2", W2, (H, F, d), "[H, F, d]")
+  _check("b2", b2, (H, 1, d), "[H, 1, d]")
+  return F
+
+
 def _run(step_fn, q, k, v, eta, ln_weight, ln_bias, weights, *, remat_group,
          matmul_dtype, return_final_weights, eps):
   """Shared driver: broadcast state over B, scan over NC, restore layout."""
@@ -275,8 +293,7 @@ def ttt_linear(
     z [B, H, NC, K, d], and if asked (W [B, H, d, d], b [B, H, 1, d]).
   """
   B, H, NC, K, d = _check_tokens(q, k, v, eta, ln_weight, ln_bias)
-  _check("W", W, (H, d, d), "[H, d, d]")
-  _check("b", b, (H, 1, d), "[H, 1, d]")
+  check_linear_weights(H, d, W, b)
   return _run(_linear_step, q, k, v, eta, ln_weight, ln_bias, (W, b),
               remat_group=remat_group, matmul_dtype=matmul_dtype,
               return_final_weights=return_final_weights, eps=eps)
@@ -304,13 +321,7 @@ def ttt_mlp(
     leading batch axis.
   """
   B, H, NC, K, d = _check_tokens(q, k, v, eta, ln_weight, ln_bias)
-  if W1.ndim != 3:
-    raise ValueError(f"W1 has shape {tuple(W1.shape)}, expected rank 3 [H, d, F]")
-  F = W1.shape[-1]
-  _check("W1", W1, (H, d, F), "[H, d, F]")
-  _check("b1", b1, (H, 1, F), "[H, 1, F]")
-  _check("W2", W2, (H, F, d), "[H, F, d]")
-  _check("b2", b2, (H, 1, d), "[H, 1, d]")
+  check_mlp_weights(H, d, W1, b1, W2, b2)
   return _run(_mlp_step, q, k, v, eta, ln_weight, ln_bias, (W1, b1, W2, b2),
               remat_group=remat_group, matmul_dtype=matmul_dtype,
               return_final_weights=return_final_weights, eps=eps)
