@@ -3,7 +3,6 @@
     python benchmarks/ttt_layer.py [--seq_lens=1024,4096,16384,65536] [--B=1] [--H=1]
         [--d=64] [--K=64] [--remat_group=16] [--matmul_dtype=float32|bfloat16]
         [--ops=ttt_linear,ttt_mlp] [--repeats=3] [--out=results.json]
-    python -m benchmarks.ttt_layer [same flags]
 
 Accounting: a sequence length L is the number of tokens in each (batch, head)
 stream, split into NC = L / K mini-batches. One call processes B * L tokens
@@ -22,22 +21,19 @@ One JSON document goes to stdout (and to --out); progress goes to stderr.
 from __future__ import annotations
 
 import json
-import math
 import pathlib
-import statistics
-import time
 from typing import Any, Callable, Sequence
 
 from absl import app, flags, logging
 import jax
 import jax.numpy as jnp
 
+from bench_utils import make_inputs, measure, step_flops  # this directory
 from ttt_jax.ops import ttt_linear, ttt_mlp
 
 Array = jax.Array
 
 OPS: dict[str, Callable[..., Array]] = {"ttt_linear": ttt_linear, "ttt_mlp": ttt_mlp}
-MIB = 2.0**20
 
 _SEQ_LENS = flags.DEFINE_list(
     "seq_lens", ["1024", "4096", "16384", "65536"],
@@ -53,54 +49,6 @@ _MATMUL_DTYPE = flags.DEFINE_enum(
     "matmul_dtype", "float32", ["float32", "bfloat16"], "Matmul operand dtype.")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed runs per measurement (median reported).")
 _OUT = flags.DEFINE_string("out", None, "Also write the JSON document to this file.")
-
-
-def step_flops(op: str, K: int, d: int, F: int) -> int:
-  """Matmul FLOPs of one mini-batch step of one (batch, head), as implemented."""
-  if op == "ttt_linear":
-    # [K,d]x[d,d]: xk W, xq W, xk^T eg.  [K,K]x[K,d] class: xq xk^T, attn eg.
-    return 2 * (3 * K * d * d + 2 * K * K * d)
-  # [K,d]x[d,F] class: xk W1, x2 W2, grad_z2 W2^T, xq W1, x2_bar W2, xk^T e1, x2^T e2.
-  # K*K*d: xq xk^T, attn2 e2.  K*K*F: attn1 e1, x2_bar x2^T.
-  return 2 * (7 * K * d * F + 2 * K * K * d + 2 * K * K * F)
-
-
-def make_inputs(op: str, B: int, H: int, NC: int, K: int, d: int) -> tuple[Array, ...]:
-  """Op arguments (q, k, v, eta, ln_weight, ln_bias, *fast weights), fp32."""
-  ks = jax.random.split(jax.random.key(0), 7)
-  shape = (B, H, NC, K, d)
-  unit = lambda x: x / jnp.linalg.norm(x, axis=-1, keepdims=True)
-  tokens = (unit(jax.random.normal(ks[0], shape)), unit(jax.random.normal(ks[1], shape)),
-            jax.random.normal(ks[2], shape), jax.random.uniform(ks[3], shape[:-1]) / d)
-  ln = (jnp.ones((H, d)), jnp.zeros((H, d)))
-  if op == "ttt_linear":
-    weights = (0.02 * jax.random.normal(ks[4], (H, d, d)), jnp.zeros((H, 1, d)))
-  else:
-    F = 4 * d
-    weights = (0.02 * jax.random.normal(ks[4], (H, d, F)), jnp.zeros((H, 1, F)),
-               0.02 * jax.random.normal(ks[5], (H, F, d)), jnp.zeros((H, 1, d)))
-  return (*tokens, *ln, *weights)
-
-
-def measure(fn: Callable[..., Any], args: Sequence[Array], repeats: int
-            ) -> tuple[float, float, dict[str, float | None]]:
-  """(median seconds, compile seconds, memory in MiB) of jit(fn)(*args)."""
-  t0 = time.perf_counter()
-  compiled = jax.jit(fn).lower(*args).compile()
-  compile_s = time.perf_counter() - t0
-  jax.block_until_ready(compiled(*args))  # warm-up
-  times = []
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    jax.block_until_ready(compiled(*args))
-    times.append(time.perf_counter() - t0)
-  analysis = compiled.memory_analysis()
-  stats = jax.devices()[0].memory_stats()
-  memory = {
-      name: None if analysis is None else getattr(analysis, f"{name}_size_in_bytes") / MIB
-      for name in ("temp", "argument", "output")}
-  memory["peak_in_use"] = None if stats is None else stats["peak_bytes_in_use"] / MIB
-  return statistics.median(times), compile_s, memory
 
 
 def bench(op: str, seq_len: int, B: int, H: int, d: int, K: int,

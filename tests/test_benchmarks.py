@@ -33,3 +33,22 @@ def test_ttt_layer_benchmark_json():
       mem = r["memory_mib"][phase]
       assert {"temp", "argument", "output", "peak_in_use"} <= mem.keys()
       assert positive(mem["argument"]) and positive(mem["output"])
+
+
+def test_ttt_kernels_benchmark_json_and_guard():
+  """XLA vs Pallas rows (Pallas in interpret mode off-TPU, and flagged so)."""
+  run = lambda *flags: subprocess.run(
+      [sys.executable, "benchmarks/ttt_kernels.py", "--seq_lens=32", "--K=16", "--d=16",
+       "--repeats=1", *flags], cwd=REPO, capture_output=True, text=True, timeout=300,
+      check=False)
+  refused = run()  # Pallas TPU kernels on a CPU backend without --interpret
+  assert refused.returncode != 0 and "pass --interpret" in refused.stderr
+  proc = run("--interpret")
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  rows = json.loads(proc.stdout)["results"]
+  assert sorted((r["kind"], r["impl"]) for r in rows) == [
+      ("linear", "pallas"), ("linear", "xla"), ("mlp", "pallas"), ("mlp", "xla")]
+  for r in rows:
+    assert r["interpret"] == (r["impl"] == "pallas")
+    assert r["NC"] == 2 and r["fwd"]["flops"] > 0
+    assert math.isfinite(r["fwd_bwd"]["tokens_per_s"]) and r["fwd_bwd"]["tokens_per_s"] > 0

@@ -1,0 +1,61 @@
+"""Shared pieces of the benchmark scripts: inputs, FLOP counts, timing and memory."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+MIB = 2.0**20
+
+
+def step_flops(op: str, K: int, d: int, F: int) -> int:
+  """Matmul FLOPs of one mini-batch step of one (batch, head), as implemented."""
+  if op == "ttt_linear":
+    # [K,d]x[d,d]: xk W, xq W, xk^T eg.  [K,K]x[K,d] class: xq xk^T, attn eg.
+    return 2 * (3 * K * d * d + 2 * K * K * d)
+  # [K,d]x[d,F] class: xk W1, x2 W2, grad_z2 W2^T, xq W1, x2_bar W2, xk^T e1, x2^T e2.
+  # K*K*d: xq xk^T, attn2 e2.  K*K*F: attn1 e1, x2_bar x2^T.
+  return 2 * (7 * K * d * F + 2 * K * K * d + 2 * K * K * F)
+
+
+def make_inputs(op: str, B: int, H: int, NC: int, K: int, d: int) -> tuple[Array, ...]:
+  """Op arguments (q, k, v, eta, ln_weight, ln_bias, *fast weights), fp32."""
+  ks = jax.random.split(jax.random.key(0), 7)
+  shape = (B, H, NC, K, d)
+  unit = lambda x: x / jnp.linalg.norm(x, axis=-1, keepdims=True)
+  tokens = (unit(jax.random.normal(ks[0], shape)), unit(jax.random.normal(ks[1], shape)),
+            jax.random.normal(ks[2], shape), jax.random.uniform(ks[3], shape[:-1]) / d)
+  ln = (jnp.ones((H, d)), jnp.zeros((H, d)))
+  if op == "ttt_linear":
+    weights = (0.02 * jax.random.normal(ks[4], (H, d, d)), jnp.zeros((H, 1, d)))
+  else:
+    F = 4 * d
+    weights = (0.02 * jax.random.normal(ks[4], (H, d, F)), jnp.zeros((H, 1, F)),
+               0.02 * jax.random.normal(ks[5], (H, F, d)), jnp.zeros((H, 1, d)))
+  return (*tokens, *ln, *weights)
+
+
+def measure(fn: Callable[..., Any], args: Sequence[Array], repeats: int
+            ) -> tuple[float, float, dict[str, float | None]]:
+  """(median seconds, compile seconds, memory in MiB) of jit(fn)(*args)."""
+  t0 = time.perf_counter()
+  compiled = jax.jit(fn).lower(*args).compile()
+  compile_s = time.perf_counter() - t0
+  jax.block_until_ready(compiled(*args))  # warm-up
+  times = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    jax.block_until_ready(compiled(*args))
+    times.append(time.perf_counter() - t0)
+  analysis = compiled.memory_analysis()
+  stats = jax.devices()[0].memory_stats()
+  memory = {
+      name: None if analysis is None else getattr(analysis, f"{name}_size_in_bytes") / MIB
+      for name in ("temp", "argument", "output")}
+  memory["peak_in_use"] = None if stats is None else stats["peak_bytes_in_use"] / MIB
+  return statistics.median(times), compile_s, memory

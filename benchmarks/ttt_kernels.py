@@ -1,0 +1,112 @@
+"""XLA scan vs fused Pallas kernel for the TTT inner loop: tokens/s and FLOP/s.
+
+    python benchmarks/ttt_kernels.py [--seq_lens=1024,4096,16384] [--kinds=linear,mlp]
+        [--impls=xla,pallas] [--B=1] [--H=1] [--d=64] [--K=64] [--remat_group=0]
+        [--matmul_dtype=bfloat16] [--repeats=3] [--interpret] [--out=results.json]
+
+Both implementations run through `ttt_jax.ops.inner_loop` on the same inputs
+(`bench_utils.make_inputs`). The Pallas kernels are TPU (Mosaic) kernels:
+they run natively on a TPU; anywhere else pass --interpret, which runs them
+in Pallas interpret mode: a correctness smoke test, not a speed figure (the
+JSON records `interpret` so such rows are never mistaken for measurements).
+`fwd.flops` is the analytic matmul count of the dual-form step
+(`bench_utils.step_flops`); fwd_bwd reports time and tokens/s only.
+One JSON document goes to stdout (and to --out); progress goes to stderr.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import pathlib
+from typing import Any, Sequence
+
+from absl import app, flags, logging
+import jax
+import jax.numpy as jnp
+
+from bench_utils import make_inputs, measure, step_flops  # this directory
+from ttt_jax.ops import inner_loop
+from ttt_jax.ops.dispatch import IMPLS, KINDS
+
+_SEQ_LENS = flags.DEFINE_list("seq_lens", ["1024", "4096", "16384"],
+                              "Tokens per (batch, head) stream; multiples of --K.")
+_KINDS = flags.DEFINE_list("kinds", list(KINDS), "Inner models to benchmark.")
+_IMPLS = flags.DEFINE_list("impls", list(IMPLS), "Implementations to compare.")
+_B = flags.DEFINE_integer("B", 1, "Batch size.")
+_H = flags.DEFINE_integer("H", 1, "Number of heads.")
+_D = flags.DEFINE_integer("d", 64, "Head dimension (TTT-MLP hidden width is 4d).")
+_K = flags.DEFINE_integer("K", 64, "Mini-batch size.")
+_REMAT = flags.DEFINE_integer("remat_group", 0, "Store weights every G mini-batches; 0: all.")
+_MATMUL_DTYPE = flags.DEFINE_enum("matmul_dtype", "bfloat16", ["float32", "bfloat16"],
+                                  "Matmul operand dtype.")
+_REPEATS = flags.DEFINE_integer("repeats", 3, "Timed runs per measurement (median).")
+_INTERPRET = flags.DEFINE_bool("interpret", False, "Run Pallas in interpret mode (off-TPU).")
+_OUT = flags.DEFINE_string("out", None, "Also write the JSON document to this file.")
+
+_OP_NAMES = {"linear": "ttt_linear", "mlp": "ttt_mlp"}
+
+
+def bench(kind: str, impl: str, seq_len: int, *, B: int, H: int, d: int, K: int,
+          remat_group: int | None, matmul_dtype: str, repeats: int,
+          interpret: bool) -> dict[str, Any]:
+  NC = seq_len // K
+  args = make_inputs(_OP_NAMES[kind], B, H, NC, K, d)
+  fwd = functools.partial(inner_loop, kind, impl, remat_group=remat_group,
+                          matmul_dtype=jnp.dtype(matmul_dtype), interpret=interpret)
+  cotangent = jax.random.normal(jax.random.key(1), args[0].shape)
+  loss = lambda *a: jnp.sum(fwd(*a[:-1]).astype(jnp.float32) * a[-1])
+  fwd_bwd = jax.grad(loss, argnums=tuple(range(len(args))))
+  fwd_s, fwd_compile, fwd_mem = measure(fwd, args, repeats)
+  bwd_s, bwd_compile, bwd_mem = measure(fwd_bwd, (*args, cotangent), repeats)
+  flops = B * H * NC * step_flops(_OP_NAMES[kind], K, d, 4 * d)
+  return {
+      "kind": kind, "impl": impl, "interpret": interpret and impl == "pallas",
+      "seq_len": seq_len, "B": B, "H": H, "d": d, "K": K, "NC": NC,
+      "matmul_dtype": matmul_dtype, "remat_group": remat_group,
+      "fwd": {"seconds": fwd_s, "tokens_per_s": B * seq_len / fwd_s,
+              "head_tokens_per_s": B * H * seq_len / fwd_s,
+              "flops": flops, "flops_per_s": flops / fwd_s},
+      "fwd_bwd": {"seconds": bwd_s, "tokens_per_s": B * seq_len / bwd_s,
+                  "head_tokens_per_s": B * H * seq_len / bwd_s},
+      "compile_s": {"fwd": fwd_compile, "fwd_bwd": bwd_compile},
+      "memory_mib": {"fwd": fwd_mem, "fwd_bwd": bwd_mem},
+  }
+
+
+def main(argv: Sequence[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  seq_lens, K = [int(s) for s in _SEQ_LENS.value], _K.value
+  if bad := [s for s in seq_lens if s <= 0 or s % K]:
+    raise app.UsageError(f"--seq_lens {bad} are not positive multiples of --K={K}")
+  if unknown := (set(_KINDS.value) - set(KINDS)) | (set(_IMPLS.value) - set(IMPLS)):
+    raise app.UsageError(f"unknown --kinds/--impls {sorted(unknown)}; kinds {KINDS}, "
+                         f"impls {IMPLS}")
+  device = jax.devices()[0]
+  if "pallas" in _IMPLS.value and device.platform != "tpu" and not _INTERPRET.value:
+    raise app.UsageError(f"the Pallas TTT kernels are TPU kernels and this backend is "
+                         f"{device.platform!r}: run on a TPU or pass --interpret")
+  config = {"seq_lens": seq_lens, "kinds": _KINDS.value, "impls": _IMPLS.value, "B": _B.value,
+            "H": _H.value, "d": _D.value, "K": K, "remat_group": _REMAT.value or None,
+            "matmul_dtype": _MATMUL_DTYPE.value, "repeats": _REPEATS.value,
+            "interpret": _INTERPRET.value}
+  results = []
+  for kind in _KINDS.value:
+    for impl in _IMPLS.value:
+      for seq_len in seq_lens:
+        logging.info("%s/%s seq_len=%d ...", kind, impl, seq_len)
+        results.append(bench(kind, impl, seq_len, B=_B.value, H=_H.value, d=_D.value, K=K,
+                             remat_group=config["remat_group"],
+                             matmul_dtype=_MATMUL_DTYPE.value, repeats=_REPEATS.value,
+                             interpret=_INTERPRET.value))
+  doc = json.dumps({"device": str(device), "platform": device.platform,
+                    "device_kind": device.device_kind, "jax_version": jax.__version__,
+                    "config": config, "results": results}, indent=1)
+  print(doc)
+  if _OUT.value:
+    pathlib.Path(_OUT.value).write_text(doc + "\n")
+
+
+if __name__ == "__main__":
+  app.run(main)
