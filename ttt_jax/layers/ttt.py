@@ -62,7 +62,7 @@ class TTT(nnx.Module):
     remat_group: checkpoint the inner scan every this many mini-batches.
     matmul_dtype: dtype of the inner loop's matmul operands (None: fp32).
     impl: inner-loop implementation, 'xla' (lax.scan) or 'pallas' (fused TPU
-      kernels; remat_group keeps its meaning), see `ttt_jax.ops.ttt`.
+      kernels; remat_group keeps its meaning), see `ttt_jax.ops.inner_loop`.
     pallas_interpret: run the Pallas kernels in interpret mode (CPU tests).
     dtype: compute dtype of the projections; param_dtype: of the parameters.
   """
