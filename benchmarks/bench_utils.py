@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import pathlib
 import statistics
 import time
 from typing import Any, Callable, Sequence
@@ -59,3 +61,40 @@ def measure(fn: Callable[..., Any], args: Sequence[Array], repeats: int
       for name in ("temp", "argument", "output")}
   memory["peak_in_use"] = None if stats is None else stats["peak_bytes_in_use"] / MIB
   return statistics.median(times), compile_s, memory
+
+
+def fwd_and_bwd(fwd: Callable[..., Array], args: Sequence[Array], *, B: int, H: int,
+                seq_len: int, minibatch_flops: int, repeats: int) -> dict[str, Any]:
+  """Times fwd(*args) and its full gradient; the timing part of a results row.
+
+  fwd+bwd is jax.grad of sum(out * cotangent) w.r.t. every argument; the
+  FLOP count is the analytic forward one (B * H streams of seq_len / K steps).
+  """
+  NC = args[0].shape[2]
+  cotangent = jax.random.normal(jax.random.key(1), args[0].shape)
+  loss = lambda *a: jnp.sum(fwd(*a[:-1]).astype(jnp.float32) * a[-1])
+  grads = jax.grad(loss, argnums=tuple(range(len(args))))
+  fwd_s, fwd_compile, fwd_mem = measure(fwd, args, repeats)
+  bwd_s, bwd_compile, bwd_mem = measure(grads, (*args, cotangent), repeats)
+  flops = B * H * NC * minibatch_flops
+  return {
+      "fwd": {"seconds": fwd_s, "tokens_per_s": B * seq_len / fwd_s,
+              "head_tokens_per_s": B * H * seq_len / fwd_s,
+              "flops_per_minibatch": minibatch_flops,
+              "flops": flops, "flops_per_s": flops / fwd_s},
+      "fwd_bwd": {"seconds": bwd_s, "tokens_per_s": B * seq_len / bwd_s,
+                  "head_tokens_per_s": B * H * seq_len / bwd_s},
+      "compile_s": {"fwd": fwd_compile, "fwd_bwd": bwd_compile},
+      "memory_mib": {"fwd": fwd_mem, "fwd_bwd": bwd_mem},
+  }
+
+
+def emit(config: dict[str, Any], results: list[dict[str, Any]], out: str | None) -> None:
+  """Prints the one JSON document of a run (device, versions, config, rows); also to `out`."""
+  device = jax.devices()[0]
+  doc = json.dumps({"device": str(device), "platform": device.platform,
+                    "device_kind": device.device_kind, "jax_version": jax.__version__,
+                    "config": config, "results": results}, indent=1)
+  print(doc)
+  if out:
+    pathlib.Path(out).write_text(doc + "\n")

@@ -20,15 +20,13 @@ One JSON document goes to stdout (and to --out); progress goes to stderr.
 
 from __future__ import annotations
 
-import json
-import pathlib
 from typing import Any, Callable, Sequence
 
 from absl import app, flags, logging
 import jax
 import jax.numpy as jnp
 
-from bench_utils import make_inputs, measure, step_flops  # this directory
+from bench_utils import emit, fwd_and_bwd, make_inputs, step_flops  # this directory
 from ttt_jax.ops import ttt_linear, ttt_mlp
 
 Array = jax.Array
@@ -57,25 +55,10 @@ def bench(op: str, seq_len: int, B: int, H: int, d: int, K: int,
   NC = seq_len // K
   args = make_inputs(op, B, H, NC, K, d)
   fwd = lambda *a: OPS[op](*a, remat_group=remat_group, matmul_dtype=jnp.dtype(matmul_dtype))
-  cotangent = jax.random.normal(jax.random.key(1), args[0].shape)
-  loss = lambda *a: jnp.sum(fwd(*a[:-1]) * a[-1])
-  fwd_bwd = jax.grad(loss, argnums=tuple(range(len(args))))
-
-  fwd_s, fwd_compile, fwd_mem = measure(fwd, args, repeats)
-  bwd_s, bwd_compile, bwd_mem = measure(fwd_bwd, (*args, cotangent), repeats)
-  flops = B * H * NC * step_flops(op, K, d, 4 * d)
-  return {
-      "op": op, "seq_len": seq_len, "B": B, "H": H, "d": d, "K": K, "NC": NC,
-      "matmul_dtype": matmul_dtype, "remat_group": remat_group,
-      "fwd": {"seconds": fwd_s, "tokens_per_s": B * seq_len / fwd_s,
-              "head_tokens_per_s": B * H * seq_len / fwd_s,
-              "flops_per_minibatch": step_flops(op, K, d, 4 * d),
-              "flops": flops, "flops_per_s": flops / fwd_s},
-      "fwd_bwd": {"seconds": bwd_s, "tokens_per_s": B * seq_len / bwd_s,
-                  "head_tokens_per_s": B * H * seq_len / bwd_s},
-      "compile_s": {"fwd": fwd_compile, "fwd_bwd": bwd_compile},
-      "memory_mib": {"fwd": fwd_mem, "fwd_bwd": bwd_mem},
-  }
+  timings = fwd_and_bwd(fwd, args, B=B, H=H, seq_len=seq_len,
+                        minibatch_flops=step_flops(op, K, d, 4 * d), repeats=repeats)
+  return {"op": op, "seq_len": seq_len, "B": B, "H": H, "d": d, "K": K, "NC": NC,
+          "matmul_dtype": matmul_dtype, "remat_group": remat_group, **timings}
 
 
 def main(argv: Sequence[str]) -> None:
@@ -91,7 +74,6 @@ def main(argv: Sequence[str]) -> None:
   config = {"seq_lens": seq_lens, "ops": _OPS.value, "B": _B.value, "H": _H.value,
             "d": _D.value, "K": K, "remat_group": remat_group,
             "matmul_dtype": _MATMUL_DTYPE.value, "repeats": _REPEATS.value}
-  device = jax.devices()[0]
   results = []
   for op in _OPS.value:
     for seq_len in seq_lens:
@@ -102,12 +84,7 @@ def main(argv: Sequence[str]) -> None:
                    op, seq_len, row["fwd"]["seconds"], row["fwd"]["tokens_per_s"],
                    row["fwd_bwd"]["seconds"], row["fwd_bwd"]["tokens_per_s"])
       results.append(row)
-  doc = json.dumps({"device": str(device), "platform": device.platform,
-                    "device_kind": device.device_kind, "jax_version": jax.__version__,
-                    "config": config, "results": results}, indent=1)
-  print(doc)
-  if _OUT.value:
-    pathlib.Path(_OUT.value).write_text(doc + "\n")
+  emit(config, results, _OUT.value)
 
 
 if __name__ == "__main__":
