@@ -48,9 +48,9 @@ IMPLS = ("xla", "pallas")
 def check_kind_impl(kind: str, impl: str) -> None:
   """ValueError unless kind is in KINDS and impl in IMPLS."""
   if kind not in WEIGHT_NAMES:
-    raise ValueError(f"ttt: unknown inner model kind {kind!r}; expected one of {KINDS}")
+    raise ValueError(f"inner_loop: unknown inner model kind {kind!r}; expected one of {KINDS}")
   if impl not in IMPLS:
-    raise ValueError(f"ttt: unknown impl {impl!r}; expected one of {IMPLS} "
+    raise ValueError(f"inner_loop: unknown impl {impl!r}; expected one of {IMPLS} "
                      f"('xla': the lax.scan op, 'pallas': the fused TPU kernels)")
 
 
@@ -89,7 +89,7 @@ def inner_loop(
   check_kind_impl(kind, impl)
   names = WEIGHT_NAMES[kind]
   if len(weights) != len(names):
-    raise ValueError(f"ttt: kind {kind!r} takes {len(names)} fast-weight arrays "
+    raise ValueError(f"inner_loop: kind {kind!r} takes {len(names)} fast-weight arrays "
                      f"({', '.join(names)}), got {len(weights)}")
   kw = dict(remat_group=remat_group, matmul_dtype=matmul_dtype,
             return_final_weights=return_final_weights)
