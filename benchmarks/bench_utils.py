@@ -18,11 +18,10 @@ MIB = 2.0**20
 def step_flops(op: str, K: int, d: int, F: int) -> int:
   """Matmul FLOPs of one mini-batch step of one (batch, head), as implemented."""
   if op == "ttt_linear":
-    # [K,d]x[d,d]: xk W, xq W, xk^T eg.  [K,K]x[K,d] class: xq xk^T, attn eg.
-    return 2 * (3 * K * d * d + 2 * K * K * d)
-  # [K,d]x[d,F] class: xk W1, x2 W2, grad_z2 W2^T, xq W1, x2_bar W2, xk^T e1, x2^T e2.
-  # K*K*d: xq xk^T, attn2 e2.  K*K*F: attn1 e1, x2_bar x2^T.
-  return 2 * (7 * K * d * F + 2 * K * K * d + 2 * K * K * F)
+    # [K,d]x[d,d] class: xk W, xk^T eg (the update), xq W_b (the read-out).
+    return 2 * 3 * K * d * d
+  # [K,d]x[d,F] class: xk W1, x2 W2, e2 W2^T, xk^T e1, x2^T e2, xq W1_b, x2_bar W2_b.
+  return 2 * 7 * K * d * F
 
 
 def make_inputs(op: str, B: int, H: int, NC: int, K: int, d: int) -> tuple[Array, ...]:

@@ -9,7 +9,7 @@ Both implementations run through `ttt_jax.ops.inner_loop` on the same inputs
 they run natively on a TPU; anywhere else pass --interpret, which runs them
 in Pallas interpret mode: a correctness smoke test, not a speed figure (the
 JSON records `interpret` so such rows are never mistaken for measurements).
-`fwd.flops` is the analytic matmul count of the dual-form step
+`fwd.flops` is the analytic matmul count of the step
 (`bench_utils.step_flops`); fwd_bwd reports time and tokens/s only.
 One JSON document goes to stdout (and to --out); progress goes to stderr.
 """

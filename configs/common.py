@@ -60,7 +60,7 @@ def get_config(seconds: int, arg: str | None) -> ml_collections.ConfigDict:
       dtype="float32" if tiny else "bfloat16",
       ttt=dict(
           inner="mlp",
-          impl="xla",  # or "pallas": the fused kernel (pallas_kernels/tpu)
+          impl="xla",  # "pallas": the TPU/GPU fused kernels (pallas_kernels/), by backend
           mini_batch_size=16 if tiny else 64,
           base_lr=0.1,
           remat_group=4 if tiny else 16,

@@ -3,17 +3,18 @@
 `ttt_linear_pallas` and `ttt_mlp_pallas` are drop-in replacements for
 `ttt_jax.ops.ttt_linear` and `ttt_jax.ops.ttt_mlp` (same arguments,
 semantics, output dtypes and gradients; `remat_group` means the same
-memory/compute trade-off, see "Residuals"): the dual-form mini-batch GD step
+memory/compute trade-off, see "Residuals"): the mini-batch GD step
 on the fast weights of every (batch, head) stream, with the non-causal
 read-out of each mini-batch through the post-update weights, fp32 state and
 matmul operands in `matmul_dtype`.
 
 One forward and one backward kernel serve both inner models. They are
-parametrised by the op's own per-mini-batch step function and by the tuple
-of fast-weight arrays; every scratch buffer and in/out BlockSpec for the
-weights is built from those arrays' shapes (per head):
-  TTT-Linear  step `_linear_step`, weights (W [d, d], b [1, d])
-  TTT-MLP     step `_mlp_step`,    weights (W1 [d, F], b1 [1, F], W2 [F, d], b2 [1, d])
+parametrised by the inner model (`pallas_kernels.common.InnerModel`: the
+op's own update and read-out) and by the tuple of fast-weight arrays; every
+scratch buffer and in/out BlockSpec for the weights is built from those
+arrays' shapes (per head):
+  TTT-Linear  weights (W [d, d], b [1, d])
+  TTT-MLP     weights (W1 [d, F], b1 [1, F], W2 [F, d], b2 [1, d])
 Below, "the weights" is the whole tuple.
 
 Design
@@ -36,7 +37,7 @@ autodiff turns the column cotangent back into a row. The head of stream bh
 is bh % H, so the per-head initial weights, ln_weight and ln_bias are read
 through the index_map (no [B, H, ...] broadcast in HBM). K, d and F must be
 multiples of 8 (the fp32 sublane tile: they are the row counts of the
-[K, d], [K, K], [d, d], [d, F] and [F, d] tiles); d = 128 fills the 128
+[K, d], [d, d], [d, F] and [F, d] tiles); d = 128 fills the 128
 lanes, d = 64 (CogVideoX's head dim) uses half of each vreg but is legal.
 
 Forward kernel. grid = (BH, NC) with dimension_semantics ("parallel",
@@ -61,7 +62,7 @@ Per stream and mini-batch, in fp32 bytes, with K = 64, d = 64, F = 4d = 256:
   TTT-Linear checkpoint            d^2 + d         16.3 KiB
   TTT-MLP checkpoint               2dF + F + d     129.3 KiB  (= 8d^2 + 5d)
   for reference, autodiff of the op's lax.scan without remat keeps the
-  carried weights and the step's [K, d], [K, F], [K, K] intermediates:
+  carried weights and the step's [K, d] and [K, F] intermediates:
   ~240 KiB (TTT-Linear), ~1.9 MiB (TTT-MLP) per mini-batch (measured with
   jax's saved_residuals, inputs included).
   * TTT-Linear: a checkpoint per mini-batch (G = 1) costs a third of the
@@ -106,9 +107,19 @@ initial weights and of ln_weight, ln_bias are written at the last reverse
 step; the wrapper sums them over B.
 
 Shared math. Both kernels run `_kernel_step`: `_eta_column` followed by the
-op's own `ttt_jax.ops.ttt._linear_step` / `_mlp_step` (batch-polymorphic
-einsums, here on plain 2-D tiles), so the XLA scan and the kernels share one
-definition of each step.
+op's own step (`ttt_jax.ops.ttt._step` of the inner model's update and
+read-out: batch-polymorphic einsums, here on plain 2-D tiles), so the XLA
+scan, these kernels and the GPU kernels share one definition of each step.
+
+Large mini-batches ("large-chunk" TTT, K in the hundreds or thousands). A
+mini-batch is held whole in VMEM: [K, d] token tiles, [K, F] intermediates
+and the [K, K] select that `_eta_column` uses. Up to an estimated 16 MiB
+(the smallest default scoped-VMEM limit) the kernels keep the default
+limit; above it they request 48 MiB, and beyond that they refuse with a
+named error. In fp32 at d = 64 that admits K = 1024 for both models (about
+22 and 37 MiB) and rejects K = 2048 (59 / 89 MiB). The GPU kernels
+(`pallas_kernels.gpu`) instead cut a mini-batch into token tiles, which the
+step's sum-then-read-out structure allows, and take any K.
 
 Matmul precision. With matmul_dtype = fp32 every matmul (forward and
 backward) has fp32 operands at Precision.HIGHEST, as in the op. With
@@ -118,7 +129,7 @@ fp32 cotangent with a bf16 operand: a mixed-dtype matmul, which Mosaic's
 matmul canonicalisation only accepts in its compatibility mode, and which
 XLA:TPU at DEFAULT precision is expected to run as a single bf16 MXU pass
 anyway. The kernel's matmul therefore carries a custom VJP
-(`_kernel_matmul`) that rounds the cotangent to bf16 as well, so every
+(`pallas_kernels.common.kernel_matmul`) that rounds the cotangent to bf16 as well, so every
 backward matmul is a native bf16 x bf16 -> fp32 MXU op. On CPU the op
 computes those mixed matmuls in fp32, so bf16 gradients differ from the
 op's by about one bf16 rounding of the cotangents per matmul (0.4 %; the
@@ -133,104 +144,42 @@ and is rejected.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
-import numbers
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from ttt_jax.ops.ttt import (LN_EPS, _check, _check_tokens, _linear_step, _matmul, _mlp_step,
-                             check_linear_weights, check_mlp_weights)
+from pallas_kernels.common import (F32, LINEAR, MLP, InnerModel, check_dtypes, kernel_matmul,
+                                   make_custom_vjp, remat_group_size, split_refs,
+                                   to_kernel_dtype)
+from ttt_jax.ops.ttt import (LN_EPS, _check, _check_tokens, check_linear_weights,
+                             check_mlp_weights)
 
 Array = jax.Array
 DType = Any
 
-_F32 = jnp.dtype(jnp.float32)
-_BF16 = jnp.dtype(jnp.bfloat16)
-# dtypes the kernels read and write natively; other token dtypes (f16, or f64
-# for k/v when q is not f64) are cast to fp32 by the wrapper, which is exact
-# for f16 and what the op does anyway.
-_KERNEL_DTYPES = (_F32, _BF16)
-_MATMUL_DTYPES = (_F32, _BF16)
 _SUBLANES = 8  # fp32 rows per vreg: K, d and F are row counts of kernel tiles
 _LANES = 128
-# Smallest default scoped-VMEM limit across TPU generations; the kernels
-# keep everything for one mini-batch (one group of G in the backward) in
-# VMEM and are not tiled further.
-_VMEM_BUDGET_BYTES = 16 * 2**20
+# The kernels keep everything for one mini-batch (one group of G in the
+# backward) in VMEM and are not tiled further. Up to the smallest default
+# scoped-VMEM limit across TPU generations (16 MiB) they keep the default;
+# above it (large mini-batches) they ask for up to 48 MiB, which fits the
+# physical VMEM of v5e / v6e (128 MiB), v5p (95 MiB) and v7x (64 MiB).
+_DEFAULT_VMEM_BYTES = 16 * 2**20
+_VMEM_LIMIT_BYTES = 48 * 2**20
 
 
-@dataclasses.dataclass(frozen=True)
-class _InnerModel:
-  """What the shared kernels need to know about an inner model."""
-  name: str  # the op's name: "ttt_linear" / "ttt_mlp"
-  op_step: Callable[..., Any]  # the op's batch-polymorphic step
-  # Live intermediates of the step's VJP, for the VMEM estimate: [K, F]
-  # tiles (beyond the [K, d] ones) and [K, K] tiles.
-  kf_temps: int
-  kk_temps: int
-
-
-_LINEAR = _InnerModel("ttt_linear", _linear_step, kf_temps=0, kk_temps=5)
-_MLP = _InnerModel("ttt_mlp", _mlp_step, kf_temps=14, kk_temps=8)
+# Live [K, F] intermediates (beyond the [K, d] ones) of a step's VJP, for the
+# VMEM estimate.
+_KF_TEMPS = {LINEAR.name: 0, MLP.name: 14}
 
 
 # ----------------------------------------------------------------------------
 # The per-mini-batch step (pure jnp; traced inside both kernels).
 # ----------------------------------------------------------------------------
-
-
-def _kernel_matmul(matmul_dtype: DType) -> Callable[..., Array]:
-  """The op's `_matmul` with a hand-written VJP made of same-dtype 2-D matmuls.
-
-  Forward: exactly `ttt_jax.ops.ttt._matmul(matmul_dtype, fp32)` (operands
-  cast to matmul_dtype, fp32 accumulation, HIGHEST precision for fp32).
-  Backward: dA = einsum("Z,Y->X", g, B), dB = einsum("X,Z->Y", A, g) through
-  the same `_matmul`, so
-    * for bf16 the fp32 cotangent is rounded to bf16 too and both cotangent
-      matmuls are native bf16 x bf16 -> fp32 MXU ops (autodiff of the op
-      would pair an fp32 cotangent with a bf16 operand: a mixed-dtype matmul
-      that Mosaic only accepts in compatibility mode);
-    * for fp32 it is the same math as autodiff, but with the operands put in
-      the order whose dot_general result needs no transpose (autodiff emits
-      a matmul followed by a [K, d] / [d, d] transpose for half of them).
-  Specs are 2-D matmul-like einsums "X,Y->Z" in which every index appears in
-  exactly two of the three terms.
-  """
-  base = _matmul(matmul_dtype, _F32)
-
-  def ordered(lhs_spec, rhs_spec, out_spec, lhs, rhs):
-    # Put the operand whose free index leads the output first, so the
-    # dot_general result needs no transpose.
-    if lhs_spec.find(out_spec[0]) < 0:
-      lhs_spec, rhs_spec, lhs, rhs = rhs_spec, lhs_spec, rhs, lhs
-    return base(f"{lhs_spec},{rhs_spec}->{out_spec}", lhs, rhs)
-
-  @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-  def mm_2d(spec, a, b):
-    return base(spec, a, b)
-
-  def mm_fwd(spec, a, b):
-    return base(spec, a, b), (a, b)
-
-  def mm_bwd(spec, res, g):
-    a, b = res
-    ins, z = spec.split("->")
-    x, y = ins.split(",")
-    # `base` casts g and the operands to matmul_dtype; the results are cast
-    # through matmul_dtype like the transpose of the op's operand casts.
-    da = ordered(z, y, x, g, b).astype(matmul_dtype).astype(a.dtype)
-    db = ordered(x, z, y, a, g).astype(matmul_dtype).astype(b.dtype)
-    return da, db
-
-  mm_2d.defvjp(mm_fwd, mm_bwd)
-  # The shared step writes batch-polymorphic "...kd,...de->...ke" specs; the
-  # kernel's operands are plain 2-D tiles.
-  return lambda spec, a, b: mm_2d(spec.replace("...", ""), a, b)
 
 
 def _eta_column(eta_row: Array) -> Array:
@@ -250,11 +199,11 @@ def _eta_column(eta_row: Array) -> Array:
   return jnp.sum(diag, axis=1, keepdims=True)
 
 
-def _kernel_step(weights, xq, xk, xv, eta_row, ln_w, ln_b, *, op_step, mm, eps):
-  """The op's step (`_linear_step` / `_mlp_step`) on one stream's 2-D tiles,
-  eta given as its [1, K] VMEM row. Returns (new weights tuple, out [K, d])."""
-  return op_step(tuple(weights), (xq, xk, xv, _eta_column(eta_row)),
-                 ln_w=ln_w, ln_b=ln_b, eps=eps, mm=mm)
+def _kernel_step(weights, xq, xk, xv, eta_row, ln_w, ln_b, *, model, mm, eps):
+  """The op's step on one stream's 2-D tiles, eta given as its [1, K] VMEM
+  row. Returns (new weights tuple, out [K, d])."""
+  return model.step(tuple(weights), (xq, xk, xv, _eta_column(eta_row)),
+                    ln_w=ln_w, ln_b=ln_b, eps=eps, mm=mm)
 
 
 # ----------------------------------------------------------------------------
@@ -262,19 +211,9 @@ def _kernel_step(weights, xq, xk, xv, eta_row, ln_w, ln_b, *, op_step, mm, eps):
 # ----------------------------------------------------------------------------
 
 
-def _split(refs: Sequence[Any], *sizes: int) -> list[tuple[Any, ...]]:
-  """Cut the flat kernel ref list into consecutive groups of the given sizes."""
-  assert sum(sizes) == len(refs), (sizes, len(refs))
-  out, i = [], 0
-  for n in sizes:
-    out.append(tuple(refs[i:i + n]))
-    i += n
-  return out
-
-
 def _fwd_kernel(*refs, step, n_w, group, save_ckpt):
   (q_ref, k_ref, v_ref, eta_ref, lnw_ref, lnb_ref), w0_refs, (z_ref,), wf_refs, \
-      ckpt_refs, w_scr = _split(refs, 6, n_w, 1, n_w, n_w if save_ckpt else 0, n_w)
+      ckpt_refs, w_scr = split_refs(refs, 6, n_w, 1, n_w, n_w if save_ckpt else 0, n_w)
   nc = pl.program_id(1)
 
   @pl.when(nc == 0)
@@ -291,8 +230,8 @@ def _fwd_kernel(*refs, step, n_w, group, save_ckpt):
         c[...] = w
 
   new_weights, out = step(
-      weights, q_ref[...].astype(_F32), k_ref[...].astype(_F32),
-      v_ref[...].astype(_F32), eta_ref[...], lnw_ref[...], lnb_ref[...])
+      weights, q_ref[...].astype(F32), k_ref[...].astype(F32),
+      v_ref[...].astype(F32), eta_ref[...], lnw_ref[...], lnb_ref[...])
   z_ref[...] = out.astype(z_ref.dtype)
   for s, w in zip(w_scr, new_weights):
     s[...] = w
@@ -318,7 +257,7 @@ def _bwd_kernel(*refs, step, n_w, group, n_chunks):
   stash_n = n_w if group > 1 else 0
   (q_ref, k_ref, v_ref, eta_ref, lnw_ref, lnb_ref), ckpt_refs, (dz_ref,), dwf_refs, \
       (dq_ref, dk_ref, dv_ref, deta_ref, dlnw_ref, dlnb_ref), dw0_refs, \
-      dw_scr, stash, (dlnw_scr, dlnb_scr) = _split(
+      dw_scr, stash, (dlnw_scr, dlnb_scr) = split_refs(
           refs, 6, n_w, 1, n_w, 6, n_w, n_w, stash_n, 2)
   g = pl.program_id(1)  # reverse step: group NG - 1 - g
   n_groups = -(-n_chunks // group)
@@ -339,7 +278,7 @@ def _bwd_kernel(*refs, step, n_w, group, n_chunks):
     valid = lambda j: True
 
   def inputs(j):  # mini-batch j of the group, in the step's argument order
-    return (q_ref[j].astype(_F32), k_ref[j].astype(_F32), v_ref[j].astype(_F32),
+    return (q_ref[j].astype(F32), k_ref[j].astype(F32), v_ref[j].astype(F32),
             eta_ref[j], lnw_ref[...], lnb_ref[...])
 
   if group == 1:
@@ -363,7 +302,7 @@ def _bwd_kernel(*refs, step, n_w, group, n_chunks):
     def _():
       _, step_vjp = jax.vjp(step, start(j), *inputs(j))
       dweights, dq, dk, dv, deta, dlnw, dlnb = step_vjp(
-          (tuple(s[...] for s in dw_scr), dz_ref[j].astype(_F32)))
+          (tuple(s[...] for s in dw_scr), dz_ref[j].astype(F32)))
       dq_ref[j] = dq.astype(dq_ref.dtype)
       dk_ref[j] = dk.astype(dk_ref.dtype)
       dv_ref[j] = dv.astype(dv_ref.dtype)
@@ -415,12 +354,13 @@ def _ckpt_spec(shape, index: Callable) -> pl.BlockSpec:
   return pl.BlockSpec((_SQ, _SQ, *shape), lambda bh, i: (bh, index(i), *_zeros(shape)))
 
 
-def _compiler_params():
-  return pltpu.CompilerParams(dimension_semantics=("parallel", "arbitrary"))
+def _compiler_params(vmem_limit: int):
+  return pltpu.CompilerParams(dimension_semantics=("parallel", "arbitrary"),
+                              vmem_limit_bytes=vmem_limit)
 
 
-def _forward_call(q, k, v, eta, ln_w, ln_b, weights0, *, H, z_dtype, step, group,
-                  save_ckpt, name, interpret):
+def _forward_call(q, k, v, eta, ln_w, ln_b, weights0, *, save_ckpt, H, step, group, name,
+                  vmem_limit, interpret):
   BH, NC, K, d = q.shape
   shapes = [w.shape[1:] for w in weights0]
   n_groups = -(-NC // group)
@@ -429,29 +369,31 @@ def _forward_call(q, k, v, eta, ln_w, ln_b, weights0, *, H, z_dtype, step, group
   vec = _head_spec((1, d), H)
   sds = jax.ShapeDtypeStruct
   out_specs = [tok] + [_stream_spec(s) for s in shapes]
-  out_shape = [sds((BH, NC, K, d), z_dtype)] + [sds((BH, *s), _F32) for s in shapes]
+  out_shape = [sds((BH, NC, K, d), q.dtype)] + [sds((BH, *s), F32) for s in shapes]
   if save_ckpt:
     # lax.div, not //: jnp's floor division of ints emits lax.sign, whose
     # Mosaic lowering queries the TPU generation (unavailable when exporting
     # from a CPU host); for the non-negative i it is the same.
     out_specs += [_ckpt_spec(s, lambda i: jax.lax.div(i, group)) for s in shapes]
-    out_shape += [sds((BH, n_groups, *s), _F32) for s in shapes]
-  return pl.pallas_call(
+    out_shape += [sds((BH, n_groups, *s), F32) for s in shapes]
+  outs = pl.pallas_call(
       functools.partial(_fwd_kernel, step=step, n_w=len(shapes), group=group,
                         save_ckpt=save_ckpt),
       grid=(BH, NC),
       in_specs=[tok, tok, tok, row, vec, vec] + [_head_spec(s, H) for s in shapes],
       out_specs=out_specs,
       out_shape=out_shape,
-      scratch_shapes=[pltpu.VMEM(s, _F32) for s in shapes],
-      compiler_params=_compiler_params(),
+      scratch_shapes=[pltpu.VMEM(s, F32) for s in shapes],
+      compiler_params=_compiler_params(vmem_limit),
       interpret=interpret,
       name=f"{name}_fwd" + ("_res" if save_ckpt else ""),
   )(q, k, v, eta, ln_w, ln_b, *weights0)
+  n_w = len(shapes)
+  return outs[0], tuple(outs[1:1 + n_w]), tuple(outs[1 + n_w:])
 
 
 def _backward_call(q, k, v, eta, ln_w, ln_b, ckpts, dz, dweights_f, *, H, step, group,
-                   name, interpret):
+                   name, vmem_limit, interpret):
   BH, NC, K, d = q.shape
   shapes = [w.shape[2:] for w in ckpts]
   n_groups = -(-NC // group)
@@ -460,64 +402,25 @@ def _backward_call(q, k, v, eta, ln_w, ln_b, ckpts, dz, dweights_f, *, H, step, 
   vec = _head_spec((1, d), H)
   svec = _stream_spec((1, d))
   sds = jax.ShapeDtypeStruct
-  scratch = [pltpu.VMEM(s, _F32) for s in shapes]  # cotangents of the weights
+  scratch = [pltpu.VMEM(s, F32) for s in shapes]  # cotangents of the weights
   if group > 1:
-    scratch += [pltpu.VMEM((group, *s), _F32) for s in shapes]  # recomputed states
-  scratch += [pltpu.VMEM((1, d), _F32), pltpu.VMEM((1, d), _F32)]
-  return pl.pallas_call(
+    scratch += [pltpu.VMEM((group, *s), F32) for s in shapes]  # recomputed states
+  scratch += [pltpu.VMEM((1, d), F32), pltpu.VMEM((1, d), F32)]
+  outs = pl.pallas_call(
       functools.partial(_bwd_kernel, step=step, n_w=len(shapes), group=group, n_chunks=NC),
       grid=(BH, n_groups),
       in_specs=([tok, tok, tok, row, vec, vec] + [_ckpt_spec(s, rev) for s in shapes]
                 + [tok] + [_stream_spec(s) for s in shapes]),
       out_specs=[tok, tok, tok, row, svec, svec] + [_stream_spec(s) for s in shapes],
       out_shape=([sds(q.shape, q.dtype), sds(k.shape, k.dtype), sds(v.shape, v.dtype),
-                  sds(eta.shape, _F32), sds((BH, 1, d), _F32), sds((BH, 1, d), _F32)]
-                 + [sds((BH, *s), _F32) for s in shapes]),
+                  sds(eta.shape, F32), sds((BH, 1, d), F32), sds((BH, 1, d), F32)]
+                 + [sds((BH, *s), F32) for s in shapes]),
       scratch_shapes=scratch,
-      compiler_params=_compiler_params(),
+      compiler_params=_compiler_params(vmem_limit),
       interpret=interpret,
       name=f"{name}_bwd",
   )(q, k, v, eta, ln_w, ln_b, *ckpts, dz, *dweights_f)
-
-
-def _make_core(model: _InnerModel, *, B: int, H: int, z_dtype: DType, matmul_dtype: DType,
-               group: int, eps: float, interpret: Any) -> Callable[..., Any]:
-  """custom_vjp over the kernel layout: (q, k, v, eta, ln_w, ln_b, weights0) ->
-  (z [BH, NC, K, d], final weights, each [BH, *shape])."""
-  step = functools.partial(_kernel_step, op_step=model.op_step,
-                           mm=_kernel_matmul(matmul_dtype), eps=eps)
-  call = functools.partial(_forward_call, H=H, z_dtype=z_dtype, step=step, group=group,
-                           name=model.name, interpret=interpret)
-
-  def split(outs, n_w):
-    return outs[0], tuple(outs[1:1 + n_w]), tuple(outs[1 + n_w:])
-
-  @jax.custom_vjp
-  def core(q, k, v, eta, ln_w, ln_b, weights0):
-    z, final, _ = split(call(q, k, v, eta, ln_w, ln_b, weights0, save_ckpt=False),
-                        len(weights0))
-    return z, final
-
-  def core_fwd(q, k, v, eta, ln_w, ln_b, weights0):
-    z, final, ckpts = split(call(q, k, v, eta, ln_w, ln_b, weights0, save_ckpt=True),
-                            len(weights0))
-    return (z, final), (q, k, v, eta, ln_w, ln_b, ckpts)
-
-  def core_bwd(res, cts):
-    q, k, v, eta, ln_w, ln_b, ckpts = res
-    dz, dfinal = cts
-    n_w = len(ckpts)
-    outs = _backward_call(
-        q, k, v, eta, ln_w, ln_b, ckpts, dz.astype(z_dtype),
-        [x.astype(_F32) for x in dfinal], H=H, step=step, group=group, name=model.name,
-        interpret=interpret)
-    dq, dk, dv, deta, dlnw, dlnb = outs[:6]
-    per_head = lambda x: x.reshape(B, H, *x.shape[1:]).sum(0)  # streams -> heads
-    return (dq, dk, dv, deta, per_head(dlnw), per_head(dlnb),
-            tuple(per_head(x) for x in outs[6:6 + n_w]))
-
-  core.defvjp(core_fwd, core_bwd)
-  return core
+  return (*outs[:6], tuple(outs[6:]))
 
 
 # ----------------------------------------------------------------------------
@@ -525,78 +428,71 @@ def _make_core(model: _InnerModel, *, B: int, H: int, z_dtype: DType, matmul_dty
 # ----------------------------------------------------------------------------
 
 
-def _vmem_estimate_bytes(model: _InnerModel, K: int, d: int, weight_shapes, itemsize: int,
+def _vmem_estimate_bytes(model: InnerModel, K: int, d: int, weight_shapes, itemsize: int,
                          group: int) -> int:
   """Rough VMEM need of the backward kernel (the larger one), in bytes."""
   pad = lambda n, m: -(-n // m) * m
   tile = lambda rows, cols: pad(rows, _SUBLANES) * pad(cols, _LANES)  # fp32 elements
   F = max(s[-1] for s in weight_shapes)  # hidden width (d for TTT-Linear)
-  tok, row, vec, kk, kf = tile(K, d), tile(1, K), tile(1, d), tile(K, K), tile(K, F)
+  tok, row, vec, kf = tile(K, d), tile(1, K), tile(1, d), tile(K, F)
   wset = sum(tile(*s) for s in weight_shapes)  # one copy of the fast weights
   # q, k, v, dz in and dq, dk, dv out (G mini-batches each), eta and deta,
   # checkpoint, final-weight cotangent and dweights0, ln params and their grads.
   blocks = 7 * group * tok * itemsize + 2 * group * row * 4 + 3 * wset * 4 + 4 * vec * 4
   scratch = (1 + (group if group > 1 else 0)) * wset * 4 + 2 * vec * 4
-  temps = (12 * tok + model.kk_temps * kk + model.kf_temps * kf + 4 * wset) * 4
+  temps = (12 * tok + _KF_TEMPS[model.name] * kf + 4 * wset + 2 * tile(K, K)) * 4
   return 2 * blocks + scratch + temps  # in/out blocks are double-buffered
 
 
-def _check_kernel_constraints(model: _InnerModel, q, matmul_dtype, K: int, d: int,
-                              weight_shapes, group: int) -> None:
+def _check_kernel_constraints(model: InnerModel, q, matmul_dtype, K: int, d: int,
+                              weight_shapes, group: int) -> int:
+  """Named ValueErrors for what the kernels cannot run; returns the VMEM limit."""
   fn = f"{model.name}_pallas"
-  if jnp.dtype(q.dtype) == jnp.dtype(jnp.float64):
-    raise ValueError(
-        f"{fn}: q is float64, so {model.name} would run an fp64 state; "
-        f"Pallas TPU kernels have no fp64. Use ttt_jax.ops.{model.name} for fp64.")
-  if matmul_dtype not in _MATMUL_DTYPES:
-    raise ValueError(
-        f"{fn}: matmul_dtype must be float32 or bfloat16 (the MXU "
-        f"operand dtypes this kernel supports), got {matmul_dtype}")
+  check_dtypes(fn, model.name, q, matmul_dtype)
   dims = [("K (mini-batch size)", K), ("d (head dim)", d)]
-  if model is _MLP:
+  if model is MLP:
     dims.append(("F (MLP hidden width)", weight_shapes[0][-1]))
   for what, n in dims:
     if n % _SUBLANES:
       raise ValueError(
           f"{fn}: {what} = {n} must be a multiple of {_SUBLANES}: it is the row "
-          f"count of some of the kernel's fp32 VMEM tiles ([K, d], [K, K], [d, d], "
+          f"count of some of the kernel's fp32 VMEM tiles ([K, d], [d, d], [d, F], "
           f"[F, d]; TPU sublane tile {_SUBLANES}). d a multiple of {_LANES} uses full vregs.")
-  itemsize = jnp.dtype(q.dtype).itemsize if q.dtype in _KERNEL_DTYPES else 4
+  itemsize = to_kernel_dtype(q).dtype.itemsize
   need = _vmem_estimate_bytes(model, K, d, weight_shapes, itemsize, group)
-  if need > _VMEM_BUDGET_BYTES:
+  if need > _VMEM_LIMIT_BYTES:
     raise ValueError(
         f"{fn}: K = {K}, d = {d}, weights {[tuple(s) for s in weight_shapes]}, "
         f"remat_group {group} need about {need / 2**20:.1f} MiB of VMEM per grid step "
         f"(one mini-batch, or a group of remat_group in the backward, the fast weights "
-        f"and their cotangents are held whole), over the {_VMEM_BUDGET_BYTES // 2**20} "
-        f"MiB budget; use ttt_jax.ops.{model.name}, a smaller remat_group, mini-batch "
-        f"or head dim.")
+        f"and their cotangents are held whole), over the {_VMEM_LIMIT_BYTES // 2**20} "
+        f"MiB limit; use ttt_jax.ops.{model.name} or the GPU kernels (which tile large "
+        f"mini-batches), a smaller remat_group, mini-batch or head dim.")
+  # Raise the scoped-VMEM limit only where the default may not do.
+  return None if need <= _DEFAULT_VMEM_BYTES else _VMEM_LIMIT_BYTES
 
 
-def _ttt_pallas(model: _InnerModel, q, k, v, eta, ln_weight, ln_bias, weights, B, H, NC, K,
+def _ttt_pallas(model: InnerModel, q, k, v, eta, ln_weight, ln_bias, weights, B, H, NC, K,
                 d, *, matmul_dtype, return_final_weights, remat_group, eps, interpret):
   """Shared wrapper: checks, kernel layout, custom_vjp core, output layout."""
   _check("q", q, q.shape, "[B, H, NC, K, d]")  # dtype check
-  if remat_group is not None and (isinstance(remat_group, bool) or not isinstance(
-      remat_group, numbers.Integral) or remat_group < 1):
-    raise ValueError(f"remat_group must be a positive int or None, got {remat_group!r}")
-  group = 1 if remat_group is None else min(int(remat_group), NC)
-  matmul_dtype = _F32 if matmul_dtype is None else jnp.dtype(matmul_dtype)
-  shapes = [w.shape[1:] for w in weights]
-  _check_kernel_constraints(model, q, matmul_dtype, K, d, shapes, group)
+  group = remat_group_size(remat_group, NC)
+  matmul_dtype = F32 if matmul_dtype is None else jnp.dtype(matmul_dtype)
+  vmem_limit = _check_kernel_constraints(model, q, matmul_dtype, K, d,
+                                         [w.shape[1:] for w in weights], group)
   if interpret is True:
     interpret = pltpu.InterpretParams()
-
-  kernel_dtype = lambda x: x if x.dtype in _KERNEL_DTYPES else x.astype(_F32)
-  tokens = lambda x: kernel_dtype(x).reshape(B * H, NC, K, d)  # free reshapes
-  q_k = tokens(q)
-  core = _make_core(model, B=B, H=H, z_dtype=q_k.dtype, matmul_dtype=matmul_dtype,
-                    group=group, eps=eps, interpret=interpret)
+  step = functools.partial(_kernel_step, model=model, mm=kernel_matmul(matmul_dtype), eps=eps)
+  calls = dict(H=H, step=step, group=group, name=model.name, vmem_limit=vmem_limit,
+               interpret=interpret)
+  core = make_custom_vjp(functools.partial(_forward_call, **calls),
+                         functools.partial(_backward_call, **calls), B=B, H=H)
+  tokens = lambda x: to_kernel_dtype(x).reshape(B * H, NC, K, d)  # free reshapes
   z, final = core(
-      q_k, tokens(k), tokens(v),
-      eta.astype(_F32).reshape(B * H, NC, 1, K),
-      ln_weight.astype(_F32).reshape(H, 1, d), ln_bias.astype(_F32).reshape(H, 1, d),
-      tuple(w.astype(_F32) for w in weights))
+      tokens(q), tokens(k), tokens(v),
+      eta.astype(F32).reshape(B * H, NC, 1, K),
+      ln_weight.astype(F32).reshape(H, 1, d), ln_bias.astype(F32).reshape(H, 1, d),
+      tuple(w.astype(F32) for w in weights))
   z = z.reshape(B, H, NC, K, d).astype(q.dtype)
   if return_final_weights:
     return z, tuple(w.reshape(B, H, *w.shape[1:]) for w in final)
@@ -644,7 +540,7 @@ def ttt_linear_pallas(
   """
   B, H, NC, K, d = _check_tokens(q, k, v, eta, ln_weight, ln_bias)
   check_linear_weights(H, d, W, b)
-  return _ttt_pallas(_LINEAR, q, k, v, eta, ln_weight, ln_bias, (W, b), B, H, NC, K, d,
+  return _ttt_pallas(LINEAR, q, k, v, eta, ln_weight, ln_bias, (W, b), B, H, NC, K, d,
                      matmul_dtype=matmul_dtype, return_final_weights=return_final_weights,
                      remat_group=remat_group, eps=eps, interpret=interpret)
 
@@ -674,6 +570,6 @@ def ttt_mlp_pallas(
   """
   B, H, NC, K, d = _check_tokens(q, k, v, eta, ln_weight, ln_bias)
   check_mlp_weights(H, d, W1, b1, W2, b2)
-  return _ttt_pallas(_MLP, q, k, v, eta, ln_weight, ln_bias, (W1, b1, W2, b2), B, H, NC, K,
+  return _ttt_pallas(MLP, q, k, v, eta, ln_weight, ln_bias, (W1, b1, W2, b2), B, H, NC, K,
                      d, matmul_dtype=matmul_dtype, return_final_weights=return_final_weights,
                      remat_group=remat_group, eps=eps, interpret=interpret)

@@ -1,8 +1,9 @@
 """`ttt_jax.ops.inner_loop`: the kind x impl dispatcher, and the TTT layer on both impls.
 
-impl="pallas" runs in Pallas TPU interpret mode on CPU (a few seconds per
-kernel trace), so shapes are tiny: d = 16 and K = 8, the smallest the
-kernels accept (multiples of 8). Tolerances as in the kernel tests,
+The kernels (impl="pallas_tpu" / "pallas_gpu") run in Pallas interpret mode
+on CPU (seconds per kernel trace), so shapes are tiny: d = K = 16, the
+smallest both kernels accept (TPU: multiples of 8; GPU: powers of two
+>= 16). Tolerances as in the kernel tests,
 relative to the largest magnitude of the reference: 1e-5 for values, 1e-4
 for gradients (fp32; only the summation order differs).
 """
@@ -20,9 +21,10 @@ from flax import nnx
 from ttt_jax.data.layout import VideoLayout
 from ttt_jax.layers.ttt import TTT
 from ttt_jax.ops import inner_loop, ttt_linear, ttt_mlp
+from ttt_jax.ops.dispatch import resolve_impl
 
 
-def make_inputs(kind, B=1, H=2, NC=2, K=8, d=16, seed=0):
+def make_inputs(kind, B=1, H=2, NC=2, K=16, d=16, seed=0):
   ks = jax.random.split(jax.random.key(seed), 10)
   tok = lambda key: jax.random.normal(key, (B, H, NC, K, d)) / np.sqrt(d)
   tokens = (tok(ks[0]), tok(ks[1]), tok(ks[2]),
@@ -33,6 +35,19 @@ def make_inputs(kind, B=1, H=2, NC=2, K=8, d=16, seed=0):
                                                             (H, 1, d)]
   weights = tuple(0.3 * jax.random.normal(k, s) for k, s in zip(ks[6:], shapes))
   return tokens + weights
+
+
+KERNELS = ["pallas_tpu", "pallas_gpu"]
+SUFFIX = {"pallas_tpu": "pallas", "pallas_gpu": "pallas_gpu"}  # kernel function names
+CUSTOM_CALL = {"pallas_tpu": "tpu_custom_call", "pallas_gpu": "__gpu$xla.gpu.triton"}
+
+
+def export(fn, impl, *args):
+  """jax.export for the impl's platform from this CPU host."""
+  if impl == "pallas_tpu":
+    return jax.export.export(jax.jit(fn), platforms=["tpu"])(*args)
+  return jax.export.export(jax.jit(fn), platforms=["cuda"], disabled_checks=[
+      jax.export.DisabledSafetyCheck.custom_call(CUSTOM_CALL[impl])])(*args)
 
 
 def assert_close(got, want, tol, what=""):
@@ -51,11 +66,21 @@ def test_unknown_kind_or_impl():
   args = make_inputs("linear")
   with pytest.raises(ValueError, match=r"unknown inner model kind 'rnn'; expected one of \('linear', 'mlp'\)"):
     inner_loop("rnn", "xla", *args)
-  with pytest.raises(ValueError, match=r"unknown impl 'cuda'; expected one of \('xla', 'pallas'\)"):
+  with pytest.raises(ValueError, match=r"unknown impl 'cuda'; expected one of \('xla', 'pallas', 'pallas_tpu', 'pallas_gpu'\)"):
     inner_loop("linear", "cuda", *args)
 
 
-@pytest.mark.parametrize("impl", ["xla", "pallas"])
+def test_pallas_means_the_default_backends_kernels(monkeypatch):
+  assert jax.default_backend() == "cpu"
+  with pytest.raises(ValueError, match=r"impl='pallas' .* default backend 'cpu' has none; use impl='xla', or 'pallas_tpu' / 'pallas_gpu' with interpret=True"):
+    inner_loop("linear", "pallas", *make_inputs("linear"), interpret=True)
+  for backend, impl in [("tpu", "pallas_tpu"), ("gpu", "pallas_gpu")]:
+    monkeypatch.setattr(jax, "default_backend", lambda: backend)
+    assert resolve_impl("pallas") == impl
+  assert [resolve_impl(i) for i in ("xla", *KERNELS)] == ["xla", *KERNELS]
+
+
+@pytest.mark.parametrize("impl", ["xla", *KERNELS])
 def test_wrong_number_of_weights(impl):
   args = make_inputs("linear")
   with pytest.raises(ValueError, match=r"kind 'mlp' takes 4 fast-weight arrays \(W1, b1, W2, b2\), got 2"):
@@ -73,37 +98,40 @@ def test_xla_is_the_op_and_ignores_interpret():
   np.testing.assert_array_equal(inner_loop("linear", "xla", *args), ttt_linear(*args))
 
 
-def test_pallas_forwards_its_options():
+@pytest.mark.parametrize("impl", KERNELS)
+def test_kernels_get_their_options(impl):
   """Kernel-side checks fire, so the arguments reach the kernels: remat_group
-  (which the Pallas path honours rather than ignores) and matmul_dtype."""
+  (which the kernels honour rather than ignore) and matmul_dtype."""
   args = make_inputs("linear")
   with pytest.raises(ValueError, match="remat_group must be a positive int or None, got 0"):
-    inner_loop("linear", "pallas", *args, remat_group=0, interpret=True)
-  with pytest.raises(ValueError, match="ttt_linear_pallas: matmul_dtype must be float32 or bfloat16"):
-    inner_loop("linear", "pallas", *args, matmul_dtype=jnp.float16, interpret=True)
-  with pytest.raises(ValueError, match=r"ttt_mlp_pallas: K \(mini-batch size\) = 4"):
-    inner_loop("mlp", "pallas", *make_inputs("mlp", K=4), interpret=True)
+    inner_loop("linear", impl, *args, remat_group=0, interpret=True)
+  with pytest.raises(ValueError, match=f"ttt_linear_{SUFFIX[impl]}: matmul_dtype must be float32 or bfloat16"):
+    inner_loop("linear", impl, *args, matmul_dtype=jnp.float16, interpret=True)
+  with pytest.raises(ValueError, match=rf"ttt_mlp_{SUFFIX[impl]}: .*K.* = 4"):
+    inner_loop("mlp", impl, *make_inputs("mlp", K=4), interpret=True)
 
 
-def test_pallas_remat_group_sets_the_checkpoints():
-  """remat_group=G with impl="pallas" stores ceil(NC / G) weight sets for the
-  backward (seen in the exported TPU program), instead of NC."""
-  B, H, NC, K, d = 1, 2, 5, 8, 16
+@pytest.mark.parametrize("impl", KERNELS)
+def test_kernel_remat_group_sets_the_checkpoints(impl):
+  """remat_group=G stores ceil(NC / G) weight sets for the backward (seen in
+  the program exported for the kernel's platform), instead of NC."""
+  B, H, NC, K, d = 1, 2, 5, 16, 16
   args = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in make_inputs("mlp", B, H, NC, K, d)]
   for G, n_ckpt in [(None, 5), (2, 3), (5, 1)]:
-    loss = lambda *a: jnp.sum(inner_loop("mlp", "pallas", *a, remat_group=G))
-    text = jax.export.export(jax.jit(jax.grad(loss, argnums=tuple(range(len(args))))),
-                             platforms=["tpu"])(*args).mlir_module()
+    loss = lambda *a: jnp.sum(inner_loop("mlp", impl, *a, remat_group=G))
+    text = export(jax.grad(loss, argnums=tuple(range(len(args)))), impl, *args).mlir_module()
+    assert text.count(CUSTOM_CALL[impl]) == 2  # forward with checkpoints, backward
     assert f"tensor<{B * H}x{n_ckpt}x{d}x{4 * d}xf32>" in text, G  # the W1 checkpoints
 
 
 # ----------------------------------------------------------------------------
-# impl="pallas" (interpret mode) equals impl="xla".
+# The kernels (interpret mode) equal impl="xla".
 # ----------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("impl", KERNELS)
 @pytest.mark.parametrize("kind, remat_group", [("linear", None), ("mlp", 2)])
-def test_pallas_matches_xla(kind, remat_group):
+def test_kernels_match_xla(impl, kind, remat_group):
   args = make_inputs(kind)
   n_w = len(args) - 6
 
@@ -115,7 +143,7 @@ def test_pallas_matches_xla(kind, remat_group):
     return z, final, vjp(cts)
 
   z_x, final_x, grads_x = run("xla")
-  z_p, final_p, grads_p = run("pallas")
+  z_p, final_p, grads_p = run(impl)
   assert len(final_p) == len(grads_p) - 6 == n_w
   assert_close(z_p, z_x, 1e-5, "z")
   for i, (got, want) in enumerate(zip(final_p, final_x)):
@@ -128,22 +156,23 @@ def test_pallas_matches_xla(kind, remat_group):
 # The TTT layer on both impls.
 # ----------------------------------------------------------------------------
 
-WIDTH, HEADS = 32, 2  # head_dim 16: a multiple of 8, as the kernels need
+WIDTH, HEADS = 32, 2  # head_dim 16, as the kernels need
 MULTI = VideoLayout(text_lens=(3, 2, 4), segment_frames=(2, 1, 1), height=1, width=3)  # L = 21
 
 
 def test_layer_rejects_unknown_impl():
-  with pytest.raises(ValueError, match=r"TTT impl must be one of \['xla', 'pallas'\], got 'triton'"):
+  with pytest.raises(ValueError, match=r"unknown impl 'triton'; expected one of \('xla', 'pallas', 'pallas_tpu', 'pallas_gpu'\)"):
     TTT(WIDTH, HEADS, impl="triton", rngs=nnx.Rngs(0))
 
 
+@pytest.mark.parametrize("impl", KERNELS)
 @pytest.mark.parametrize("inner", ["linear", "mlp"])
-def test_layer_pallas_matches_xla(inner):
-  # K = 8 (the kernels' minimum): L = 21 -> 3 mini-batches, the last padded.
-  make = lambda impl: TTT(WIDTH, HEADS, inner=inner, mini_batch_size=8, base_lr=20.0,
+def test_layer_kernels_match_xla(impl, inner):
+  # K = 16: L = 21 -> 2 mini-batches, the last padded with eta = 0 tokens.
+  make = lambda impl: TTT(WIDTH, HEADS, inner=inner, mini_batch_size=16, base_lr=20.0,
                           remat_group=2, impl=impl, pallas_interpret=True, rngs=nnx.Rngs(0))
-  m_xla, m_pallas = make("xla"), make("pallas")
-  assert m_pallas.impl == "pallas" and m_pallas.pallas_interpret
+  m_xla, m_pallas = make("xla"), make(impl)
+  assert m_pallas.impl == impl and m_pallas.pallas_interpret
   x = jax.random.normal(jax.random.key(1), (1, MULTI.seq_len, WIDTH))
 
   def loss(m):

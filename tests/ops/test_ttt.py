@@ -1,7 +1,8 @@
 """The TTT op against an independent per-token reference, in values and grads.
 
 Tolerances: fp32 comparisons use rtol=atol=1e-5 on O(1) outputs (the op and
-the reference differ only in summation order and the dual-form rewrite);
+the reference differ only in summation order: the op sums the mini-batch's
+gradients in one matmul);
 gradients, which pass through a second-order LayerNorm derivative and sums
 over every token, use 1e-4. bf16 matmuls keep 8 mantissa bits (~4e-3 relative
 per product), so bf16 runs are held to 3e-2 of the fp32 result.

@@ -37,7 +37,7 @@ from flax import nnx
 from ttt_jax.data.layout import VideoLayout
 from ttt_jax.layers.rope import apply_rope, rope_angles
 from ttt_jax.ops import inner_loop
-from ttt_jax.ops.dispatch import IMPLS
+from ttt_jax.ops.dispatch import check_kind_impl
 
 Array = jax.Array
 
@@ -61,8 +61,9 @@ class TTT(nnx.Module):
     base_lr: inner base learning rate (default 1.0 linear, 0.1 mlp).
     remat_group: checkpoint the inner scan every this many mini-batches.
     matmul_dtype: dtype of the inner loop's matmul operands (None: fp32).
-    impl: inner-loop implementation, 'xla' (lax.scan) or 'pallas' (fused TPU
-      kernels; remat_group keeps its meaning), see `ttt_jax.ops.inner_loop`.
+    impl: inner-loop implementation: 'xla' (lax.scan), 'pallas_tpu' /
+      'pallas_gpu' (fused kernels) or 'pallas' (the default backend's
+      kernels); remat_group keeps its meaning, see `ttt_jax.ops.inner_loop`.
     pallas_interpret: run the Pallas kernels in interpret mode (CPU tests).
     dtype: compute dtype of the projections; param_dtype: of the parameters.
   """
@@ -76,8 +77,7 @@ class TTT(nnx.Module):
                rngs: nnx.Rngs):
     if inner not in DEFAULT_BASE_LR:
       raise ValueError(f"TTT inner model must be one of {sorted(DEFAULT_BASE_LR)}, got {inner!r}")
-    if impl not in IMPLS:
-      raise ValueError(f"TTT impl must be one of {list(IMPLS)}, got {impl!r}")
+    check_kind_impl(inner, impl)
     if width % num_heads:
       raise ValueError(f"TTT width {width} is not divisible by num_heads {num_heads}")
     if mini_batch_size < 1:

@@ -11,9 +11,9 @@ queries q_j and per-token inner learning rates eta_j:
 
 The read-out is NON-causal inside a mini-batch: every token of mini-batch b
 sees W_b, the weights after the whole mini-batch's step (video is not
-autoregressive). The step is written in its "dual form": the read-out
-q W_b = q W_{b-1} - (q k^T) (eta * grad_z) needs only K x K matrices, never
-the per-token weights. The gradients of the inner loss are derived by hand
+autoregressive), so the read-out goes straight through W_b (see `_step`);
+the summed update is one [d, K] x [K, d] matmul per weight, never per-token
+weights. The gradients of the inner loss are derived by hand
 (LayerNorm and tanh-GELU backward below); outer gradients come from JAX
 autodiff through the `lax.scan` over mini-batches.
 
@@ -113,57 +113,62 @@ def _matmul(matmul_dtype: DType, acc_dtype: DType) -> Callable[..., Array]:
   return mm
 
 
-def _linear_step(state, inputs, *, ln_w, ln_b, eps, mm):
-  """TTT-Linear: g(u) = u W + b."""
+def _linear_update(state, xk, xv, eta, ln_w, ln_b, *, eps, mm):
+  """TTT-Linear g(u) = u W + b: sum_j eta_j grad l_j at `state`, per weight."""
   W, b = state  # [..., d, d], [..., 1, d]
-  xq, xk, xv, eta = inputs  # [..., K, d] x3, [..., K, 1]
-  target = xv - xk
-
-  # Inner gradient at W_{b-1}, per token: grad_z [..., K, d].
-  z = mm("...kd,...de->...ke", xk, W) + b
+  z = mm("...kd,...de->...ke", xk, W) + b  # [..., K, d]
   y, x_hat, std = layer_norm_fwd(z, ln_w, ln_b, eps)
-  grad_z = layer_norm_vjp(y - target, x_hat, std, ln_w)
-  eg = eta * grad_z  # eta_j * grad_j
-
-  # Dual form read-out with W_b (non-causal): [..., K, d].
-  attn = mm("...qd,...kd->...qk", xq, xk)  # [..., K, K]
-  b_new = b - jnp.sum(eg, axis=-2, keepdims=True)
-  z_bar = mm("...kd,...de->...ke", xq, W) - mm("...qk,...kd->...qd", attn, eg) + b_new
-  out = xq + layer_norm_fwd(z_bar, ln_w, ln_b, eps)[0]
-
-  W_new = W - mm("...kd,...ke->...de", xk, eg)
-  return (W_new, b_new), out
+  eg = eta * layer_norm_vjp(y - (xv - xk), x_hat, std, ln_w)  # eta_j grad_z l_j
+  return mm("...kd,...ke->...de", xk, eg), jnp.sum(eg, axis=-2, keepdims=True)
 
 
-def _mlp_step(state, inputs, *, ln_w, ln_b, eps, mm):
-  """TTT-MLP: g(u) = GELU_tanh(u W1 + b1) W2 + b2."""
+def _linear_readout(state, xq, ln_w, ln_b, *, eps, mm):
+  """f(q; W) = q + LN(q W + b): [..., K, d]."""
+  W, b = state
+  return xq + layer_norm_fwd(mm("...kd,...de->...ke", xq, W) + b, ln_w, ln_b, eps)[0]
+
+
+def _mlp_update(state, xk, xv, eta, ln_w, ln_b, *, eps, mm):
+  """TTT-MLP g(u) = GELU_tanh(u W1 + b1) W2 + b2: sum_j eta_j grad l_j."""
   W1, b1, W2, b2 = state  # [..., d, F], [..., 1, F], [..., F, d], [..., 1, d]
-  xq, xk, xv, eta = inputs  # [..., K, d] x3, [..., K, 1]
-  target = xv - xk
-
-  # Forward and hand-written backward of the inner loss at W_{b-1}.
   z1 = mm("...kd,...df->...kf", xk, W1) + b1  # [..., K, F]
   x2 = gelu_tanh(z1)
   z2 = mm("...kf,...fd->...kd", x2, W2) + b2  # [..., K, d]
   y, x_hat, std = layer_norm_fwd(z2, ln_w, ln_b, eps)
-  grad_z2 = layer_norm_vjp(y - target, x_hat, std, ln_w)
-  grad_z1 = mm("...kd,...fd->...kf", grad_z2, W2) * gelu_tanh_grad(z1)
-  e1 = eta * grad_z1
-  e2 = eta * grad_z2
+  e2 = eta * layer_norm_vjp(y - (xv - xk), x_hat, std, ln_w)  # [..., K, d]
+  e1 = mm("...kd,...fd->...kf", e2, W2) * gelu_tanh_grad(z1)  # [..., K, F]
+  sum_k = lambda e: jnp.sum(e, axis=-2, keepdims=True)
+  return (mm("...kd,...kf->...df", xk, e1), sum_k(e1),
+          mm("...kf,...kd->...fd", x2, e2), sum_k(e2))
 
-  # Dual form read-out through both layers with the updated weights.
-  b1_new = b1 - jnp.sum(e1, axis=-2, keepdims=True)
-  b2_new = b2 - jnp.sum(e2, axis=-2, keepdims=True)
-  attn1 = mm("...qd,...kd->...qk", xq, xk)  # [..., K, K]
-  z1_bar = mm("...kd,...df->...kf", xq, W1) - mm("...qk,...kf->...qf", attn1, e1) + b1_new
-  x2_bar = gelu_tanh(z1_bar)
-  attn2 = mm("...qf,...kf->...qk", x2_bar, x2)  # [..., K, K]
-  z2_bar = mm("...kf,...fd->...kd", x2_bar, W2) - mm("...qk,...kd->...qd", attn2, e2) + b2_new
-  out = xq + layer_norm_fwd(z2_bar, ln_w, ln_b, eps)[0]
 
-  W1_new = W1 - mm("...kd,...kf->...df", xk, e1)
-  W2_new = W2 - mm("...kf,...kd->...fd", x2, e2)
-  return (W1_new, b1_new, W2_new, b2_new), out
+def _mlp_readout(state, xq, ln_w, ln_b, *, eps, mm):
+  """f(q; W) = q + LN(GELU_tanh(q W1 + b1) W2 + b2): [..., K, d]."""
+  W1, b1, W2, b2 = state
+  x2 = gelu_tanh(mm("...kd,...df->...kf", xq, W1) + b1)
+  return xq + layer_norm_fwd(mm("...kf,...fd->...kd", x2, W2) + b2, ln_w, ln_b, eps)[0]
+
+
+def _step(update, readout, state, inputs, *, ln_w, ln_b, eps, mm):
+  """One mini-batch: W_b = W_{b-1} - sum_j eta_j grad l_j(W_{b-1}); z = f(q; W_b).
+
+  Every token's gradient is taken at W_{b-1} and all K queries are read out
+  through W_b, so the step splits into a sum of per-token terms (`update`)
+  and a per-token read-out (`readout`): kernels may cut a mini-batch into
+  tiles of tokens and run either part tile by tile. Reading out through the
+  updated weights directly costs K d F multiply-adds per layer, the same as
+  the "dual form" q W - (q k^T)(eta grad) would spend on q W alone; the dual
+  form's K x K products only pay off for a causal read-out inside the
+  mini-batch, which video TTT does not use.
+  """
+  xq, xk, xv, eta = inputs  # [..., K, d] x3, [..., K, 1]
+  grads = update(state, xk, xv, eta, ln_w, ln_b, eps=eps, mm=mm)
+  new_state = tuple(w - g for w, g in zip(state, grads))
+  return new_state, readout(new_state, xq, ln_w, ln_b, eps=eps, mm=mm)
+
+
+_linear_step = functools.partial(_step, _linear_update, _linear_readout)
+_mlp_step = functools.partial(_step, _mlp_update, _mlp_readout)
 
 
 # ----------------------------------------------------------------------------
