@@ -1,14 +1,16 @@
-"""XLA scan vs fused Pallas kernel for the TTT inner loop: tokens/s and FLOP/s.
+"""XLA scan vs fused Pallas kernels for the TTT inner loop: tokens/s and FLOP/s.
 
     python benchmarks/ttt_kernels.py [--seq_lens=1024,4096,16384] [--kinds=linear,mlp]
         [--impls=xla,pallas] [--B=1] [--H=1] [--d=64] [--K=64] [--remat_group=0]
         [--matmul_dtype=bfloat16] [--repeats=3] [--interpret] [--out=results.json]
 
-Both implementations run through `ttt_jax.ops.inner_loop` on the same inputs
-(`bench_utils.make_inputs`). The Pallas kernels are TPU (Mosaic) kernels:
-they run natively on a TPU; anywhere else pass --interpret, which runs them
-in Pallas interpret mode: a correctness smoke test, not a speed figure (the
-JSON records `interpret` so such rows are never mistaken for measurements).
+Every implementation runs through `ttt_jax.ops.inner_loop` on the same
+inputs (`bench_utils.make_inputs`). impl "pallas" is the default backend's
+kernels (Mosaic on a TPU, Triton on a GPU); "pallas_tpu" / "pallas_gpu" name
+one. A kernel runs natively only on its own platform; anywhere else pass
+--interpret, which runs it in Pallas interpret mode: a correctness smoke
+test, not a speed figure (the JSON records `interpret` so such rows are never
+mistaken for measurements). Large-chunk mode is just a large --K (e.g. 1024).
 `fwd.flops` is the analytic matmul count of the step
 (`bench_utils.step_flops`); fwd_bwd reports time and tokens/s only.
 One JSON document goes to stdout (and to --out); progress goes to stderr.
@@ -25,7 +27,7 @@ import jax.numpy as jnp
 
 from bench_utils import emit, fwd_and_bwd, make_inputs, step_flops  # this directory
 from ttt_jax.ops import inner_loop
-from ttt_jax.ops.dispatch import IMPLS, KINDS
+from ttt_jax.ops.dispatch import IMPLS, KINDS, resolve_impl
 
 _SEQ_LENS = flags.DEFINE_list("seq_lens", ["1024", "4096", "16384"],
                               "Tokens per (batch, head) stream; multiples of --K.")
@@ -39,23 +41,48 @@ _REMAT = flags.DEFINE_integer("remat_group", 0, "Store weights every G mini-batc
 _MATMUL_DTYPE = flags.DEFINE_enum("matmul_dtype", "bfloat16", ["float32", "bfloat16"],
                                   "Matmul operand dtype.")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed runs per measurement (median).")
-_INTERPRET = flags.DEFINE_bool("interpret", False, "Run Pallas in interpret mode (off-TPU).")
+_INTERPRET = flags.DEFINE_bool("interpret", False,
+                               "Run Pallas kernels in interpret mode (off their platform).")
 _OUT = flags.DEFINE_string("out", None, "Also write the JSON document to this file.")
 
 _OP_NAMES = {"linear": "ttt_linear", "mlp": "ttt_mlp"}
+_KERNEL_PLATFORM = {"pallas_tpu": "tpu", "pallas_gpu": "gpu"}  # jax.default_backend() names
 
 
-def bench(kind: str, impl: str, seq_len: int, *, B: int, H: int, d: int, K: int,
+def _kernel_impls(impls: Sequence[str], interpret: bool) -> dict[str, str]:
+  """impl -> the kernel impl it runs; UsageError for kernels off their platform."""
+  backend = jax.default_backend()
+  out = {}
+  for impl in impls:
+    if impl == "xla":
+      continue
+    if impl == "pallas" and backend not in _KERNEL_PLATFORM.values():
+      if not interpret:
+        raise app.UsageError(f"impl 'pallas' means the default backend's kernels and this "
+                             f"backend is {backend!r}: run on a TPU or GPU, or pass --interpret "
+                             f"(which then interprets the TPU kernels)")
+      out[impl] = "pallas_tpu"
+      continue
+    out[impl] = resolve_impl(impl)
+    if _KERNEL_PLATFORM[out[impl]] != backend and not interpret:
+      raise app.UsageError(f"impl {impl!r} runs {out[impl]}, which cannot run natively on "
+                           f"this {backend!r} backend: run on a "
+                           f"{_KERNEL_PLATFORM[out[impl]]} or pass --interpret")
+  return out
+
+
+def bench(kind: str, impl: str, runs: str, seq_len: int, *, B: int, H: int, d: int, K: int,
           remat_group: int | None, matmul_dtype: str, repeats: int,
           interpret: bool) -> dict[str, Any]:
+  """One results row: impl as asked, runs the implementation it resolved to."""
   NC = seq_len // K
   args = make_inputs(_OP_NAMES[kind], B, H, NC, K, d)
-  fwd = functools.partial(inner_loop, kind, impl, remat_group=remat_group,
+  fwd = functools.partial(inner_loop, kind, runs, remat_group=remat_group,
                           matmul_dtype=jnp.dtype(matmul_dtype), interpret=interpret)
   timings = fwd_and_bwd(fwd, args, B=B, H=H, seq_len=seq_len,
                         minibatch_flops=step_flops(_OP_NAMES[kind], K, d, 4 * d),
                         repeats=repeats)
-  return {"kind": kind, "impl": impl, "interpret": interpret and impl == "pallas",
+  return {"kind": kind, "impl": impl, "runs": runs, "interpret": interpret and runs != "xla",
           "seq_len": seq_len, "B": B, "H": H, "d": d, "K": K, "NC": NC,
           "matmul_dtype": matmul_dtype, "remat_group": remat_group, **timings}
 
@@ -69,10 +96,7 @@ def main(argv: Sequence[str]) -> None:
   if unknown := (set(_KINDS.value) - set(KINDS)) | (set(_IMPLS.value) - set(IMPLS)):
     raise app.UsageError(f"unknown --kinds/--impls {sorted(unknown)}; kinds {KINDS}, "
                          f"impls {IMPLS}")
-  device = jax.devices()[0]
-  if "pallas" in _IMPLS.value and device.platform != "tpu" and not _INTERPRET.value:
-    raise app.UsageError(f"the Pallas TTT kernels are TPU kernels and this backend is "
-                         f"{device.platform!r}: run on a TPU or pass --interpret")
+  runs = {"xla": "xla", **_kernel_impls(_IMPLS.value, _INTERPRET.value)}
   config = {"seq_lens": seq_lens, "kinds": _KINDS.value, "impls": _IMPLS.value, "B": _B.value,
             "H": _H.value, "d": _D.value, "K": K, "remat_group": _REMAT.value or None,
             "matmul_dtype": _MATMUL_DTYPE.value, "repeats": _REPEATS.value,
@@ -82,7 +106,7 @@ def main(argv: Sequence[str]) -> None:
     for impl in _IMPLS.value:
       for seq_len in seq_lens:
         logging.info("%s/%s seq_len=%d ...", kind, impl, seq_len)
-        results.append(bench(kind, impl, seq_len, B=_B.value, H=_H.value, d=_D.value, K=K,
+        results.append(bench(kind, impl, runs[impl], seq_len, B=_B.value, H=_H.value, d=_D.value, K=K,
                              remat_group=config["remat_group"],
                              matmul_dtype=_MATMUL_DTYPE.value, repeats=_REPEATS.value,
                              interpret=_INTERPRET.value))

@@ -36,19 +36,22 @@ def test_ttt_layer_benchmark_json():
 
 
 def test_ttt_kernels_benchmark_json_and_guard():
-  """XLA vs Pallas rows (Pallas in interpret mode off-TPU, and flagged so)."""
+  """XLA vs kernel rows (kernels in interpret mode off their platform, and flagged so)."""
   run = lambda *flags: subprocess.run(
       [sys.executable, "benchmarks/ttt_kernels.py", "--seq_lens=32", "--K=16", "--d=16",
        "--repeats=1", *flags], cwd=REPO, capture_output=True, text=True, timeout=300,
       check=False)
-  refused = run()  # Pallas TPU kernels on a CPU backend without --interpret
+  refused = run()  # impl 'pallas' on a CPU backend without --interpret
   assert refused.returncode != 0 and "pass --interpret" in refused.stderr
-  proc = run("--interpret")
+  refused = run("--impls=pallas_gpu")
+  assert refused.returncode != 0 and "'pallas_gpu' runs pallas_gpu, which cannot run natively on this 'cpu' backend" in refused.stderr
+  proc = run("--interpret", "--impls=xla,pallas,pallas_gpu")
   assert proc.returncode == 0, proc.stderr[-4000:]
   rows = json.loads(proc.stdout)["results"]
-  assert sorted((r["kind"], r["impl"]) for r in rows) == [
-      ("linear", "pallas"), ("linear", "xla"), ("mlp", "pallas"), ("mlp", "xla")]
+  assert sorted((r["kind"], r["impl"], r["runs"]) for r in rows) == [
+      (kind, impl, runs) for kind in ("linear", "mlp") for impl, runs in [
+          ("pallas", "pallas_tpu"), ("pallas_gpu", "pallas_gpu"), ("xla", "xla")]]
   for r in rows:
-    assert r["interpret"] == (r["impl"] == "pallas")
+    assert r["interpret"] == (r["impl"] != "xla")
     assert r["NC"] == 2 and r["fwd"]["flops"] > 0
     assert math.isfinite(r["fwd_bwd"]["tokens_per_s"]) and r["fwd_bwd"]["tokens_per_s"] > 0
