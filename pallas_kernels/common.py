@@ -172,3 +172,21 @@ def make_custom_vjp(forward: Callable[..., Any], backward: Callable[..., Any], *
 
   core.defvjp(core_fwd, core_bwd)
   return core
+
+
+def run_core(core: Callable[..., Any], q, k, v, eta, ln_weight, ln_bias, weights, *,
+             token_shape: Sequence[int], eta_shape: Sequence[int],
+             return_final_weights: bool):
+  """The op's layout in and out around a `make_custom_vjp` core: token
+  arrays reshaped (free, contiguous) to token_shape, eta to eta_shape, the
+  per-head LayerNorm to [H, 1, d]; fp32 everywhere but the token dtype."""
+  B, H, NC, K, d = q.shape
+  tokens = lambda x: to_kernel_dtype(x).reshape(token_shape)
+  z, final = core(
+      tokens(q), tokens(k), tokens(v), eta.astype(F32).reshape(eta_shape),
+      ln_weight.astype(F32).reshape(H, 1, d), ln_bias.astype(F32).reshape(H, 1, d),
+      tuple(w.astype(F32) for w in weights))
+  z = z.reshape(q.shape).astype(q.dtype)
+  if return_final_weights:
+    return z, tuple(w.reshape(B, H, *w.shape[1:]) for w in final)
+  return z

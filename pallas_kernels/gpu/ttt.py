@@ -78,8 +78,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.common import (F32, LINEAR, MLP, InnerModel, check_dtypes, kernel_matmul,
-                                   make_custom_vjp, remat_group_size, split_refs,
-                                   to_kernel_dtype)
+                                   make_custom_vjp, remat_group_size, run_core,
+                                   split_refs)
 from ttt_jax.ops.ttt import (LN_EPS, _check, _check_tokens, _matmul, check_linear_weights,
                              check_mlp_weights)
 
@@ -341,21 +341,15 @@ def _ttt_pallas_gpu(model: InnerModel, q, k, v, eta, ln_weight, ln_bias, weights
   if num_warps is None:
     num_warps = 4 if model is LINEAR else 8
   rows = NC * (K // Kt)
-  tokens = lambda x: to_kernel_dtype(x).reshape(B * H, rows, Kt, d)  # free reshapes
   calls = dict(model=model, H=H, NC=NC, group=group, mm=_matmul(matmul_dtype, F32), eps=eps,
                num_warps=num_warps, interpret=interpret)
   core = make_custom_vjp(
       functools.partial(_forward_call, **calls),
       functools.partial(_backward_call, mm_vjp=kernel_matmul(matmul_dtype), **calls),
       B=B, H=H)
-  z, final = core(
-      tokens(q), tokens(k), tokens(v), eta.astype(F32).reshape(B * H, rows, Kt, 1),
-      ln_weight.astype(F32).reshape(H, 1, d), ln_bias.astype(F32).reshape(H, 1, d),
-      tuple(w.astype(F32) for w in weights))
-  z = z.reshape(B, H, NC, K, d).astype(q.dtype)
-  if return_final_weights:
-    return z, tuple(w.reshape(B, H, *w.shape[1:]) for w in final)
-  return z
+  return run_core(core, q, k, v, eta, ln_weight, ln_bias, weights,
+                  token_shape=(B * H, rows, Kt, d), eta_shape=(B * H, rows, Kt, 1),
+                  return_final_weights=return_final_weights)
 
 
 def ttt_linear_pallas_gpu(

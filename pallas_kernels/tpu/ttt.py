@@ -153,8 +153,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels.common import (F32, LINEAR, MLP, InnerModel, check_dtypes, kernel_matmul,
-                                   make_custom_vjp, remat_group_size, split_refs,
-                                   to_kernel_dtype)
+                                   make_custom_vjp, remat_group_size, run_core,
+                                   split_refs, to_kernel_dtype)
 from ttt_jax.ops.ttt import (LN_EPS, _check, _check_tokens, check_linear_weights,
                              check_mlp_weights)
 
@@ -487,16 +487,9 @@ def _ttt_pallas(model: InnerModel, q, k, v, eta, ln_weight, ln_bias, weights, B,
                interpret=interpret)
   core = make_custom_vjp(functools.partial(_forward_call, **calls),
                          functools.partial(_backward_call, **calls), B=B, H=H)
-  tokens = lambda x: to_kernel_dtype(x).reshape(B * H, NC, K, d)  # free reshapes
-  z, final = core(
-      tokens(q), tokens(k), tokens(v),
-      eta.astype(F32).reshape(B * H, NC, 1, K),
-      ln_weight.astype(F32).reshape(H, 1, d), ln_bias.astype(F32).reshape(H, 1, d),
-      tuple(w.astype(F32) for w in weights))
-  z = z.reshape(B, H, NC, K, d).astype(q.dtype)
-  if return_final_weights:
-    return z, tuple(w.reshape(B, H, *w.shape[1:]) for w in final)
-  return z
+  return run_core(core, q, k, v, eta, ln_weight, ln_bias, weights,
+                  token_shape=(B * H, NC, K, d), eta_shape=(B * H, NC, 1, K),
+                  return_final_weights=return_final_weights)
 
 
 def ttt_linear_pallas(
