@@ -91,6 +91,12 @@ def test_frozen_gradients_do_not_count_in_the_clip_norm():
   # far below Adam's eps=1e-8, and the first update would be ~0 instead of ~lr * sign(g).
   # rtol: first Adam step is g / (|g| + 1e-8) with |g| > 1e-3 after clipping.
   np.testing.assert_allclose(np.abs(flat(got)["blocks/ttt/W1"]), lr, rtol=1e-4)
+  # The logged norm is the one the clip saw: without the frozen 1e12s.
+  want = np.sqrt(np.sum(trainable["W1"] ** 2) + np.sum(trainable["to_q"] ** 2))
+  cfg = _optim_cfg(other=0.0, attn_qkvo=lr, ttt=lr)
+  np.testing.assert_allclose(optim.trainable_grad_norm(cfg, grads(1e12)), want, rtol=1e-6)
+  np.testing.assert_allclose(optim.trainable_grad_norm(_optim_cfg(), grads(2.0)),
+                             np.sqrt(want ** 2 + 5 * 4.0), rtol=1e-6)
 
 
 @pytest.mark.parametrize("warmup, fraction_at", [

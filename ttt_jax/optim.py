@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Any, Mapping, Sequence
 
 import jax
+import jax.numpy as jnp
 import optax
 
 GROUPS = ("other", "attn_qkvo", "ttt")
@@ -36,6 +37,14 @@ def learning_rate(optim_cfg: Mapping[str, Any], group: str) -> optax.Schedule:
   warmup = optim_cfg["warmup_steps"]
   return optax.join_schedules(
       [optax.linear_schedule(0.0, peak, max(warmup, 1)), optax.constant_schedule(peak)], [warmup])
+
+
+def trainable_grad_norm(optim_cfg: Mapping[str, Any], grads: Any) -> jax.Array:
+  """Global norm of the gradients the clip sees: frozen groups (lr 0) left out."""
+  lrs = optim_cfg["lr"]
+  kept = jax.tree.map(lambda g, group: g if lrs[group] else jnp.zeros_like(g), grads,
+                      param_labels(grads))
+  return optax.tree.norm(kept)
 
 
 def make_optimizer(optim_cfg: Mapping[str, Any]) -> optax.GradientTransformation:
