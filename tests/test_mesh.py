@@ -97,8 +97,8 @@ _SHARDED_SCRIPT = textwrap.dedent("""
       model = perturb(build_model(cfg), 0.05)
       return model, nnx.Optimizer(model, optim.make_optimizer(cfg.optim), wrt=nnx.Param)
 
-    step = nnx.jit(functools.partial(train.train_step, layout=layout,
-                                     schedule=NoiseSchedule.create(num_steps=1000),
+    step = nnx.jit(functools.partial(train.train_step, optim_cfg=cfg.optim.to_dict(),
+                                     layout=layout, schedule=NoiseSchedule.create(num_steps=1000),
                                      text_dropout=0.5))
 
     def run(model, optimizer, batch):
