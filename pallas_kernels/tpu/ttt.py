@@ -33,7 +33,7 @@ column (it scales the rows of the [K, d] / [K, F] inner gradients), but a
 128 lanes (always in VMEM, and in HBM under XLA's default tiled layouts): up
 to a 128x blow-up of eta and of its gradient. The kernel turns the row into
 a column exactly with ops Mosaic lowers everywhere (see `_eta_column`);
-autodiff turns the column cotangent back into a row. The head of stream bh
+its custom VJP turns the column cotangent back into a row. The head of stream bh
 is bh % H, so the per-head initial weights, ln_weight and ln_bias are read
 through the index_map (no [B, H, ...] broadcast in HBM). K, d and F must be
 multiples of 8 (the fp32 sublane tile: they are the row counts of the
@@ -113,11 +113,12 @@ scan, these kernels and the GPU kernels share one definition of each step.
 
 Large mini-batches ("large-chunk" TTT, K in the hundreds or thousands). A
 mini-batch is held whole in VMEM: [K, d] token tiles, [K, F] intermediates
-and the [K, K] select that `_eta_column` uses. Up to an estimated 16 MiB
+and the eta row -> column selects (128 x 128 pieces). Up to an estimated 16 MiB
 (the smallest default scoped-VMEM limit) the kernels keep the default
 limit; above it they request 48 MiB, and beyond that they refuse with a
-named error. In fp32 at d = 64 that admits K = 1024 for both models (about
-22 and 37 MiB) and rejects K = 2048 (59 / 89 MiB). The GPU kernels
+named error. In fp32 at d = 64 that admits TTT-Linear up to K = 2048
+(about 27 MiB) and TTT-MLP up to K = 1024 (30 MiB; K = 2048 would need
+57 MiB). The GPU kernels
 (`pallas_kernels.gpu`) instead cut a mini-batch into token tiles, which the
 step's sum-then-read-out structure allows, and take any K.
 
@@ -182,21 +183,52 @@ _KF_TEMPS = {LINEAR.name: 0, MLP.name: 14}
 # ----------------------------------------------------------------------------
 
 
-def _eta_column(eta_row: Array) -> Array:
-  """[1, K] row -> [K, 1] column, exactly.
+def _diagonal(x: Array, axis: int) -> Array:
+  """[1, n] row -> [n, 1] column (axis=1) or back (axis=0), exactly.
 
-  A reshape or transpose would move K from lanes to sublanes, a relayout
-  Mosaic does not lower for every shape. Instead: broadcast the row down the
-  sublanes, keep the diagonal and reduce over lanes (one nonzero term per
-  row, so the sum is exact). iota, select and reductions lower on every TPU
-  generation, and the autodiff transpose is the mirror image (a sublane
-  reduction), which brings the [K, 1] cotangent back to a [1, K] row.
+  A reshape or transpose would move the n values between lanes and
+  sublanes, a relayout Mosaic does not lower for every shape. Instead:
+  broadcast to [n, n], keep the diagonal and reduce over `axis` (one
+  nonzero term per row or column, so the sum is exact). iota, select and
+  reductions lower on every TPU generation.
   """
-  K = eta_row.shape[-1]
-  rows = jax.lax.broadcasted_iota(jnp.int32, (K, K), 0)
-  cols = jax.lax.broadcasted_iota(jnp.int32, (K, K), 1)
-  diag = jnp.where(rows == cols, jnp.broadcast_to(eta_row, (K, K)), 0.0)
-  return jnp.sum(diag, axis=1, keepdims=True)
+  n = max(x.shape)
+  rows = jax.lax.broadcasted_iota(jnp.int32, (n, n), 0)
+  cols = jax.lax.broadcasted_iota(jnp.int32, (n, n), 1)
+  return jnp.sum(jnp.where(rows == cols, jnp.broadcast_to(x, (n, n)), 0.0), axis=axis,
+                 keepdims=True)
+
+
+def _pieces(x: Array, axis: int) -> list[Array]:
+  """x cut along `axis` into 128-long pieces: the [n, n] selects stay one
+  vreg-tile wide (a [K, K] one would be 16 MiB at K = 2048)."""
+  return [jax.lax.slice_in_dim(x, j, min(j + _LANES, x.shape[axis]), axis=axis)
+          for j in range(0, x.shape[axis], _LANES)]
+
+
+def _join(pieces: list[Array], axis: int) -> Array:
+  return pieces[0] if len(pieces) == 1 else jnp.concatenate(pieces, axis=axis)
+
+
+@jax.custom_vjp
+def _eta_column(eta_row: Array) -> Array:
+  """[1, K] row -> [K, 1] column, exactly, piece by piece (see `_diagonal`).
+
+  The custom VJP is the mirror image (column pieces -> row pieces), so
+  autodiff emits no pads or transposes of the pieces.
+  """
+  return _join([_diagonal(p, axis=1) for p in _pieces(eta_row, axis=1)], axis=0)
+
+
+def _eta_column_fwd(eta_row):
+  return _eta_column(eta_row), None
+
+
+def _eta_column_bwd(_, g_col):
+  return (_join([_diagonal(p, axis=0) for p in _pieces(g_col, axis=0)], axis=1),)
+
+
+_eta_column.defvjp(_eta_column_fwd, _eta_column_bwd)
 
 
 def _kernel_step(weights, xq, xk, xv, eta_row, ln_w, ln_b, *, model, mm, eps):
@@ -440,7 +472,8 @@ def _vmem_estimate_bytes(model: InnerModel, K: int, d: int, weight_shapes, items
   # checkpoint, final-weight cotangent and dweights0, ln params and their grads.
   blocks = 7 * group * tok * itemsize + 2 * group * row * 4 + 3 * wset * 4 + 4 * vec * 4
   scratch = (1 + (group if group > 1 else 0)) * wset * 4 + 2 * vec * 4
-  temps = (12 * tok + _KF_TEMPS[model.name] * kf + 4 * wset + 2 * tile(K, K)) * 4
+  piece = min(K, _LANES)  # the eta row <-> column selects
+  temps = (12 * tok + _KF_TEMPS[model.name] * kf + 4 * wset + 2 * tile(piece, piece)) * 4
   return 2 * blocks + scratch + temps  # in/out blocks are double-buffered
 
 
