@@ -17,11 +17,15 @@ TPU kernels (the backward rounds cotangents to bf16 before its matmuls).
 from __future__ import annotations
 
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+
+from jax._src.lib.mlir import ir
+from jax._src.pallas.triton import lowering as triton_lowering
 
 from pallas_kernels.gpu import ttt as kernel_mod
 from pallas_kernels.gpu import ttt_linear_pallas_gpu, ttt_mlp_pallas_gpu
@@ -167,3 +171,72 @@ def test_exports_for_cuda(kind, token_dtype, matmul_dtype, d, K, remat_group):
   # Token arrays travel as [B * H, NC * T, Kt, d] with Kt = min(K, 64).
   Kt = min(K, kernel_mod.DEFAULT_BLOCK_K)
   assert f"tensor<{B * H}x{NC * K // Kt}x{Kt}x{d}x" in text
+
+
+def _unescape_mlir_string(s: str) -> bytes:
+  """The bytes of an MLIR string attribute as printed (\\XX hex escapes)."""
+  out, i = bytearray(), 0
+  while i < len(s):
+    if s[i] != "\\":
+      out += s[i].encode()
+      i += 1
+    elif s[i + 1] in '\\"':
+      out.append(ord(s[i + 1]))
+      i += 2
+    else:
+      out.append(int(s[i + 1:i + 3], 16))
+      i += 3
+  return bytes(out)
+
+
+def triton_kernels(text: str) -> dict[str, str]:
+  """kernel name -> its Triton IR, decoded from the custom calls' `ir` bytecode.
+
+  Uses Pallas's own (private) Triton MLIR context to parse the bytecode."""
+  kernels = {}
+  for raw in re.findall(r'ir = "((?:[^"\\]|\\.)*)"', text):
+    with triton_lowering._new_ir_context():
+      module = str(ir.Module.parse(_unescape_mlir_string(raw)))
+    kernels[re.search(r"tt\.func public @(\w+)", module).group(1)] = module
+  return kernels
+
+
+def dots(module: str) -> list[tuple[str, str, str]]:
+  """(lhs, rhs, result) element types of every tt.dot, with IEEE/TF32 marking
+  for fp32 operands (Triton omits the default, IEEE)."""
+  out = []
+  for line in re.findall(r"tt\.dot [^\n]*", module):
+    a, b, c = re.search(r"tensor<\d+x\d+x(\w+)> \* tensor<\d+x\d+x(\w+)> -> "
+                        r"tensor<\d+x\d+x(\w+)>", line).groups()
+    if a == "f32":
+      a += "/tf32" if "inputPrecision = tf32" in line else "/ieee"
+    out.append((a, b, c))
+  return out
+
+
+@pytest.mark.parametrize("kind, matmul_dtype, K, n_dots, n_loops, n_bwd_dots", [
+    # Forward: update (TTT-Linear 2 matmuls, TTT-MLP 5) + read-out (1 / 2).
+    # Backward, one tile (T = 1): the update's and the read-out's VJPs, each
+    # its forward matmuls plus two per matmul: 3 x forward.
+    ("linear", None, 64, 3, 1, 9),  # the mini-batch loop
+    ("mlp", jnp.bfloat16, 64, 7, 1, 21),
+    # 4 tiles: + the update and read-out loops over tiles. The backward re-runs
+    # the update (5) before its read-out VJP loop (6) and update VJP loop (15
+    # less the 2 whose results, the update sums, only the primal needs: 13).
+    ("mlp", jnp.bfloat16, 256, 7, 3, 24),
+])
+def test_triton_ir_matmuls_and_loops(kind, matmul_dtype, K, n_dots, n_loops, n_bwd_dots):
+  """Inside the lowered Triton kernels: fp32 matmuls are exact IEEE fp32 (no
+  TF32), bf16 ones bf16 x bf16 -> fp32 on tensor cores, also every backward
+  matmul (the cotangents are rounded to bf16, see common.kernel_matmul); the
+  mini-batch and token-tile loops stay loops (scf.for), not unrolled."""
+  structs = grad_structs(kind, 1, 2, 2, K, 64, jnp.float32)
+  fn = functools.partial(KERNELS[kind], matmul_dtype=matmul_dtype)
+  want = ("bf16", "bf16", "f32") if matmul_dtype else ("f32/ieee", "f32", "f32")
+  fwd = triton_kernels(export_cuda(fn, structs))[f"ttt_{kind}_gpu_fwd"]
+  assert dots(fwd) == [want] * n_dots
+  assert fwd.count("scf.for") == n_loops
+  grad = triton_kernels(export_cuda(jax.grad(loss_of(fn), argnums=tuple(range(len(structs)))),
+                                    structs))
+  assert set(grad) == {f"ttt_{kind}_gpu_fwd_res", f"ttt_{kind}_gpu_bwd"}
+  assert dots(grad[f"ttt_{kind}_gpu_bwd"]) == [want] * n_bwd_dots
