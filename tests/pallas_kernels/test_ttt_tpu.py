@@ -32,6 +32,7 @@ and fp32 round-off scales with them.
 
 from __future__ import annotations
 
+import base64
 import functools
 import re
 
@@ -39,6 +40,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax._src.interpreters import mlir
+from jax._src.lib.mlir import ir
+from jax.experimental.mosaic.dialects import tpu as tpu_dialect
 from jax.experimental.pallas import tpu as pltpu
 
 from tests.pallas_kernels.kernel_testing import (WEIGHT_NAMES, assert_close, check_against_op, check_bf16_against_op,
@@ -217,3 +221,42 @@ def test_exports_for_tpu(kind, token_dtype, matmul_dtype, d, remat_group, K):
   n_ckpt = -(-NC // (remat_group or 1))
   first = weight_shapes(kind, H, d)[0][1:]
   assert f"tensor<{B * H}x{n_ckpt}x{first[0]}x{first[1]}xf32>" in text
+
+
+def mosaic_matmuls(text: str) -> list[list[str]]:
+  """Per Mosaic kernel in an exported module (decoded from its base64
+  bytecode body), one "lhs x rhs -> out[/fp32]" string per tpu.matmul."""
+  kernels = []
+  for body in re.findall(r"\\22body\\22: \\22([A-Za-z0-9+/=]+)\\22", text):
+    ctx = mlir.make_ir_context()
+    tpu_dialect.register_dialect(ctx)
+    with ctx:
+      ctx.allow_unregistered_dialects = True  # the 'stable_mosaic' version marker
+      module = str(ir.Module.parse(base64.b64decode(body)))
+    matmuls = []
+    for line in re.findall(r"tpu\.matmul[^\n]*", module):
+      a, b, _, out = re.search(r": \(vector<\w+x(\w+)>, vector<\w+x(\w+)>, vector<\w+x(\w+)>\) -> "
+                               r"vector<\w+x(\w+)>", line).groups()
+      fp32 = "/fp32" if "contract_precision<fp32>" in line else ""
+      matmuls.append(f"{a} x {b} -> {out}{fp32}")
+    kernels.append(matmuls)
+  return kernels
+
+
+@pytest.mark.parametrize("kind, matmul_dtype, n_fwd", [
+    ("linear", None, 3), ("linear", jnp.bfloat16, 3), ("mlp", jnp.bfloat16, 7)])
+def test_mosaic_matmuls(kind, matmul_dtype, n_fwd):
+  """Inside the lowered Mosaic kernels every matmul is native: fp32 ones at
+  full fp32 contract precision, bf16 ones bf16 x bf16 -> fp32 also in the
+  backward (common.kernel_matmul rounds cotangents to bf16). Forward: update
+  (2 / 5 matmuls) + read-out (1 / 2); backward: the step's VJP, 3x forward."""
+  structs = grad_structs(kind, 1, 2, 2, 64, 64, jnp.float32)
+  fn = functools.partial(KERNELS[kind], matmul_dtype=matmul_dtype)
+  want = "bf16 x bf16 -> f32" if matmul_dtype else "f32 x f32 -> f32/fp32"
+  [fwd] = mosaic_matmuls(jax.export.export(jax.jit(fn), platforms=["tpu"])(*structs).mlir_module())
+  assert fwd == [want] * n_fwd
+  grad = jax.grad(loss_of(fn), argnums=tuple(range(len(structs))))
+  fwd_res, bwd = mosaic_matmuls(
+      jax.export.export(jax.jit(grad), platforms=["tpu"])(*structs).mlir_module())
+  assert fwd_res == [want] * n_fwd
+  assert bwd == [want] * 3 * n_fwd
