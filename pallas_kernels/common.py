@@ -2,10 +2,10 @@
 
 Both backends run the op's own per-mini-batch math from `ttt_jax.ops.ttt`
 (one definition of each inner model, traced inside the kernels on plain 2-D
-tiles), save the fast weights every G-th mini-batch starts from in the
-forward, and walk the mini-batches backwards in a second kernel. What
-differs is the memory hierarchy, hence the layout and the loops; this module
-holds the rest.
+tiles, through `pallas_kernels.minibatch`), save the fast weights every G-th
+mini-batch starts from in the forward, and walk the mini-batches backwards
+in a second kernel. What differs is the memory hierarchy, hence the layout
+and the loops; this module holds the rest.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from ttt_jax.ops.ttt import (_linear_readout, _linear_update, _matmul, _mlp_readout,
-                             _mlp_update, _step)
+                             _mlp_update)
 
 Array = jax.Array
 DType = Any
@@ -45,10 +45,6 @@ class InnerModel:
   name: str  # the op's name: "ttt_linear" / "ttt_mlp"
   update: Callable[..., Any]
   readout: Callable[..., Any]
-
-  def step(self, weights, inputs, **kw):
-    """The op's whole mini-batch step (`ttt_jax.ops.ttt._step`)."""
-    return _step(self.update, self.readout, weights, inputs, **kw)
 
 
 LINEAR = InnerModel("ttt_linear", _linear_update, _linear_readout)

@@ -35,23 +35,16 @@ are written once at the end.
 Backward kernel (per stream), mini-batches in reverse. The carry is the
 cotangent of the weights after mini-batch n (seeded with the cotangent of
 the final weights) plus the running LayerNorm-parameter gradients. For
-mini-batch n:
-  1. starting weights W_{n-1}: the checkpoint of its group advanced by
-     n mod G update-only steps (G = 1: the checkpoint itself). Recomputing
-     from the group checkpoint for every mini-batch costs (G - 1) / 2 extra
-     update passes per mini-batch on average, in exchange for only NC / G
-     stored weight sets and no extra on-chip state (a TTT-MLP weight set at
-     d = 64, F = 256 is 129 KiB: more than a GPU thread block can hold
-     several of). G = 1 (store all, no recompute) is the default, as for
-     the TPU kernel.
-  2. W_n = W_{n-1} - sum of the tile updates (recomputed).
-  3. read-out VJP tile by tile at W_n: dq of each tile, and the cotangent of
-     W_n accumulated over tiles (on top of the carried one).
-  4. update VJP tile by tile at W_{n-1} with cotangent -dW_n: dk, dv, deta
-     of each tile; dW_{n-1} = dW_n + the sum over tiles.
-Each VJP is `jax.vjp` of the op's own `update` / `readout`, so the XLA scan
-and both kernels share one definition of the math. With T = 1 the update's
-VJP is taken once and reused (no second update pass).
+mini-batch n the starting weights W_{n-1} are the checkpoint of its group
+advanced by n mod G update-only steps (G = 1: the checkpoint itself);
+recomputing from the group checkpoint for every mini-batch costs (G - 1) / 2
+extra update passes per mini-batch on average, in exchange for only NC / G
+stored weight sets and no extra on-chip state (a TTT-MLP weight set at
+d = 64, F = 256 is 129 KiB: more than a GPU thread block can hold several
+of). G = 1 (store all, no recompute) is the default, as for the TPU kernel.
+Then `pallas_kernels.minibatch.backward` runs the mini-batch's VJP tile by
+tile (read-out VJP at W_n, then update VJP at W_{n-1}), the same code the
+TPU kernels run, built on `jax.vjp` of the op's own update / read-out.
 
 Precision. fp32 state and every reduction; matmul operands in
 `matmul_dtype`: bf16 (tensor cores, fp32 accumulation) or fp32 (IEEE fp32:
@@ -70,13 +63,14 @@ spreads them over more threads.
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from pallas_kernels import minibatch
 from pallas_kernels.common import (F32, LINEAR, MLP, InnerModel, check_dtypes, kernel_matmul,
                                    make_custom_vjp, remat_group_size, run_core,
                                    split_refs)
@@ -90,48 +84,51 @@ _MIN_DIM = 16  # smallest Triton tensor-core matmul dim
 DEFAULT_BLOCK_K = 64
 
 
-def _loop(n: int, body: Callable, carry: Any) -> Any:
-  """fori_loop over range(n), inlined when n == 1 (the common T = 1 case)."""
-  if n == 1:
-    return body(0, carry)
-  return jax.lax.fori_loop(0, n, body, carry)
-
-
-def _add(xs, ys):
-  return tuple(x + y for x, y in zip(xs, ys))
-
-
 class _Tiles:
-  """Reads the token tiles of one stream; tile t of mini-batch n is row n * T + t."""
+  """Token tiles of mini-batch n of one stream: tile t is row n * T + t of the
+  [NC * T, Kt, ...] token refs (dynamic n and t: loads at computed offsets)."""
 
-  def __init__(self, q_ref, k_ref, v_ref, eta_ref, lnw_ref, lnb_ref, T: int):
-    self.q, self.k, self.v, self.eta, self.T = q_ref, k_ref, v_ref, eta_ref, T
+  def __init__(self, tok_refs, n, T: int, grad_refs=()):
+    self.q, self.k, self.v, self.eta, lnw_ref, lnb_ref = tok_refs
+    self.n, self.T = n, T
     self.ln = (lnw_ref[...], lnb_ref[...])  # [1, d] each
+    if grad_refs:
+      self.dz_ref, self.dq_ref, self.dk_ref, self.dv_ref, self.deta_ref = grad_refs
 
-  def row(self, n, t):
-    return n * self.T + t
+  def row(self, t):
+    return self.n * self.T + t
 
-  def query(self, n, t):
-    return self.q[self.row(n, t)].astype(F32)  # [Kt, d]
+  def loop(self, body, carry):
+    if self.T == 1:  # inlined: the common case
+      return body(0, carry)
+    return jax.lax.fori_loop(0, self.T, body, carry)
 
-  def keys(self, n, t):  # (xk, xv, eta) [Kt, d], [Kt, d], [Kt, 1]
-    i = self.row(n, t)
+  def keys(self, t):  # (xk, xv, eta) [Kt, d], [Kt, d], [Kt, 1]
+    i = self.row(t)
     return self.k[i].astype(F32), self.v[i].astype(F32), self.eta[i]
 
+  def query(self, t):
+    return self.q[self.row(t)].astype(F32)  # [Kt, d]
 
-def _updated(model, tiles, n, weights, mm, eps):
-  """W_n = W_{n-1} - the sum of mini-batch n's tile updates."""
-  def add_tile(t, acc):
-    return _add(acc, model.update(weights, *tiles.keys(n, t), *tiles.ln, eps=eps, mm=mm))
+  def dz(self, t):
+    return self.dz_ref[self.row(t)].astype(F32)
 
-  grads = _loop(tiles.T, add_tile, tuple(jnp.zeros_like(w) for w in weights))
-  return tuple(w - g for w, g in zip(weights, grads))
+  def write_z(self, t, z):
+    self.z_ref[self.row(t)] = z.astype(self.z_ref.dtype)
+
+  def write_dq(self, t, dq):
+    self.dq_ref[self.row(t)] = dq.astype(self.dq_ref.dtype)
+
+  def write_dkv(self, t, dk, dv, deta):
+    i = self.row(t)
+    self.dk_ref[i] = dk.astype(self.dk_ref.dtype)
+    self.dv_ref[i] = dv.astype(self.dv_ref.dtype)
+    self.deta_ref[i] = deta
 
 
-def _fwd_kernel(*refs, model, n_w, T, n_chunks, group, save_ckpt, mm, eps):
+def _fwd_kernel(*refs, step, n_w, T, n_chunks, group, save_ckpt):
   tok_refs, w0_refs, (z_ref,), wf_refs, ckpt_refs = split_refs(
       refs, 6, n_w, 1, n_w, n_w if save_ckpt else 0)
-  tiles = _Tiles(*tok_refs, T=T)
 
   def chunk(n, weights):
     if save_ckpt:
@@ -140,77 +137,37 @@ def _fwd_kernel(*refs, model, n_w, T, n_chunks, group, save_ckpt, mm, eps):
         for c, w in zip(ckpt_refs, weights):
           c[jax.lax.div(n, group)] = w
 
-    new = _updated(model, tiles, n, weights, mm, eps)
-
-    def read_out(t, carry):
-      z_ref[tiles.row(n, t)] = model.readout(new, tiles.query(n, t), *tiles.ln, eps=eps,
-                                             mm=mm).astype(z_ref.dtype)
-      return carry
-
-    _loop(T, read_out, None)
-    return new
+    tiles = _Tiles(tok_refs, n, T)
+    tiles.z_ref = z_ref
+    return minibatch.forward(step, tiles, weights)
 
   final = jax.lax.fori_loop(0, n_chunks, chunk, tuple(w[...] for w in w0_refs))
   for o, w in zip(wf_refs, final):
     o[...] = w
 
 
-def _bwd_kernel(*refs, model, n_w, T, n_chunks, group, mm, mm_vjp, eps):
+def _bwd_kernel(*refs, step, n_w, T, n_chunks, group):
   tok_refs, ckpt_refs, (dz_ref,), dwf_refs, (dq_ref, dk_ref, dv_ref, deta_ref, dlnw_ref,
                                              dlnb_ref), dw0_refs = split_refs(
       refs, 6, n_w, 1, n_w, 6, n_w)
-  tiles = _Tiles(*tok_refs, T=T)
-  readout = functools.partial(model.readout, eps=eps, mm=mm_vjp)
-  update = functools.partial(model.update, eps=eps, mm=mm_vjp)
+  grad_refs = (dz_ref, dq_ref, dk_ref, dv_ref, deta_ref)
 
   def chunk(i, carry):
     n = n_chunks - 1 - i
     dnew, dln = carry  # cotangents of W_n; of (ln_w, ln_b) so far
-    # 1. W_{n-1}: the group checkpoint advanced n mod G steps.
+    # W_{n-1}: the group checkpoint advanced n mod G update-only steps.
     start = tuple(c[jax.lax.div(n, group)] for c in ckpt_refs)
     if group > 1:
+      first = n - jax.lax.rem(n, group)
       start = jax.lax.fori_loop(
           0, jax.lax.rem(n, group),
-          lambda j, w: _updated(model, tiles, n - jax.lax.rem(n, group) + j, w, mm, eps),
-          start)
-    # 2. W_n, keeping the update's VJP when the mini-batch is one tile.
-    if T == 1:
-      grads, update_vjp = jax.vjp(update, start, *tiles.keys(n, 0), *tiles.ln)
-      new = tuple(w - g for w, g in zip(start, grads))
-    else:
-      new = _updated(model, tiles, n, start, mm, eps)
+          lambda j, w: minibatch.updated(step, _Tiles(tok_refs, first + j, T), w), start)
+    return minibatch.backward(step, _Tiles(tok_refs, n, T, grad_refs), start, dnew, dln)
 
-    # 3. Read-out VJP per tile.
-    def readout_tile(t, acc):
-      dw, dln_acc = acc
-      _, vjp = jax.vjp(readout, new, tiles.query(n, t), *tiles.ln)
-      dw_t, dq, dlnw, dlnb = vjp(dz_ref[tiles.row(n, t)].astype(F32))
-      dq_ref[tiles.row(n, t)] = dq.astype(dq_ref.dtype)
-      return _add(dw, dw_t), _add(dln_acc, (dlnw, dlnb))
-
-    dnew, dln = _loop(T, readout_tile, (dnew, dln))
-
-    # 4. Update VJP per tile: W_n = W_{n-1} - sum_t update_t(W_{n-1}).
-    neg = tuple(-x for x in dnew)
-
-    def update_tile(t, acc):
-      dw, dln_acc = acc
-      if T == 1:
-        vjp = update_vjp
-      else:
-        _, vjp = jax.vjp(update, start, *tiles.keys(n, t), *tiles.ln)
-      dw_t, dxk, dxv, deta, dlnw, dlnb = vjp(neg)
-      row = tiles.row(n, t)
-      dk_ref[row] = dxk.astype(dk_ref.dtype)
-      dv_ref[row] = dxv.astype(dv_ref.dtype)
-      deta_ref[row] = deta
-      return _add(dw, dw_t), _add(dln_acc, (dlnw, dlnb))
-
-    return _loop(T, update_tile, (dnew, dln))
-
-  zeros_ln = tuple(jnp.zeros_like(x) for x in tiles.ln)
+  ln = (tok_refs[4][...], tok_refs[5][...])
   dweights0, (dlnw, dlnb) = jax.lax.fori_loop(
-      0, n_chunks, chunk, (tuple(d[...] for d in dwf_refs), zeros_ln))
+      0, n_chunks, chunk,
+      (tuple(d[...] for d in dwf_refs), tuple(jnp.zeros_like(x) for x in ln)))
   for o, d in zip(dw0_refs, dweights0):
     o[...] = d
   dlnw_ref[...] = dlnw
@@ -238,8 +195,8 @@ def _compiler_params(num_warps: int):
   return plgpu.CompilerParams(num_warps=num_warps, num_stages=1)
 
 
-def _forward_call(q, k, v, eta, ln_w, ln_b, weights0, *, save_ckpt, model, H, NC, group,
-                  mm, eps, num_warps, interpret):
+def _forward_call(q, k, v, eta, ln_w, ln_b, weights0, *, save_ckpt, step, name, H, NC,
+                  group, num_warps, interpret):
   BH, rows, Kt, d = q.shape
   shapes = [w.shape[1:] for w in weights0]
   n_groups = -(-NC // group)
@@ -251,8 +208,8 @@ def _forward_call(q, k, v, eta, ln_w, ln_b, weights0, *, save_ckpt, model, H, NC
     out_specs += [_whole((n_groups, *s)) for s in shapes]
     out_shape += [sds((BH, n_groups, *s), F32) for s in shapes]
   outs = pl.pallas_call(
-      functools.partial(_fwd_kernel, model=model, n_w=len(shapes), T=rows // NC,
-                        n_chunks=NC, group=group, save_ckpt=save_ckpt, mm=mm, eps=eps),
+      functools.partial(_fwd_kernel, step=step, n_w=len(shapes), T=rows // NC,
+                        n_chunks=NC, group=group, save_ckpt=save_ckpt),
       grid=(BH,),
       in_specs=[tok, tok, tok, _whole((rows, Kt, 1)), _per_head((1, d), H),
                 _per_head((1, d), H)] + [_per_head(s, H) for s in shapes],
@@ -260,14 +217,14 @@ def _forward_call(q, k, v, eta, ln_w, ln_b, weights0, *, save_ckpt, model, H, NC
       out_shape=out_shape,
       compiler_params=_compiler_params(num_warps),
       interpret=interpret,
-      name=f"{model.name}_gpu_fwd" + ("_res" if save_ckpt else ""),
+      name=f"{name}_gpu_fwd" + ("_res" if save_ckpt else ""),
   )(q, k, v, eta, ln_w, ln_b, *weights0)
   n_w = len(shapes)
   return outs[0], tuple(outs[1:1 + n_w]), tuple(outs[1 + n_w:])
 
 
-def _backward_call(q, k, v, eta, ln_w, ln_b, ckpts, dz, dfinal, *, model, H, NC, group, mm,
-                   mm_vjp, eps, num_warps, interpret):
+def _backward_call(q, k, v, eta, ln_w, ln_b, ckpts, dz, dfinal, *, step, name, H, NC, group,
+                   num_warps, interpret):
   BH, rows, Kt, d = q.shape
   shapes = [w.shape[2:] for w in ckpts]
   n_groups = ckpts[0].shape[1]
@@ -275,8 +232,8 @@ def _backward_call(q, k, v, eta, ln_w, ln_b, ckpts, dz, dfinal, *, model, H, NC,
   vec = _per_head((1, d), H)
   sds = jax.ShapeDtypeStruct
   outs = pl.pallas_call(
-      functools.partial(_bwd_kernel, model=model, n_w=len(shapes), T=rows // NC,
-                        n_chunks=NC, group=group, mm=mm, mm_vjp=mm_vjp, eps=eps),
+      functools.partial(_bwd_kernel, step=step, n_w=len(shapes), T=rows // NC,
+                        n_chunks=NC, group=group),
       grid=(BH,),
       in_specs=([tok, tok, tok, col, vec, vec] + [_whole((n_groups, *s)) for s in shapes]
                 + [tok] + [_whole(s) for s in shapes]),
@@ -287,7 +244,7 @@ def _backward_call(q, k, v, eta, ln_w, ln_b, ckpts, dz, dfinal, *, model, H, NC,
                  + [sds((BH, *s), F32) for s in shapes]),
       compiler_params=_compiler_params(num_warps),
       interpret=interpret,
-      name=f"{model.name}_gpu_bwd",
+      name=f"{name}_gpu_bwd",
   )(q, k, v, eta, ln_w, ln_b, *ckpts, dz, *dfinal)
   return (*outs[:6], tuple(outs[6:]))
 
@@ -341,12 +298,12 @@ def _ttt_pallas_gpu(model: InnerModel, q, k, v, eta, ln_weight, ln_bias, weights
   if num_warps is None:
     num_warps = 4 if model is LINEAR else 8
   rows = NC * (K // Kt)
-  calls = dict(model=model, H=H, NC=NC, group=group, mm=_matmul(matmul_dtype, F32), eps=eps,
-               num_warps=num_warps, interpret=interpret)
-  core = make_custom_vjp(
-      functools.partial(_forward_call, **calls),
-      functools.partial(_backward_call, mm_vjp=kernel_matmul(matmul_dtype), **calls),
-      B=B, H=H)
+  step = minibatch.Step.make(model, mm=_matmul(matmul_dtype, F32),
+                             mm_vjp=kernel_matmul(matmul_dtype), eps=eps)
+  calls = dict(step=step, name=model.name, H=H, NC=NC, group=group, num_warps=num_warps,
+               interpret=interpret)
+  core = make_custom_vjp(functools.partial(_forward_call, **calls),
+                         functools.partial(_backward_call, **calls), B=B, H=H)
   return run_core(core, q, k, v, eta, ln_weight, ln_bias, weights,
                   token_shape=(B * H, rows, Kt, d), eta_shape=(B * H, rows, Kt, 1),
                   return_final_weights=return_final_weights)

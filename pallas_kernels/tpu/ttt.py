@@ -98,29 +98,32 @@ checkpoint is copied to stash[0] and the first n - 1 forward steps are
 re-run into stash[1 .. n-1] (n = G, or the remainder for the last group
 when G does not divide NC: a partial block, whose out-of-range rows are
 never read, guarded by pl.when; Pallas drops its out-of-range writes).
-Then for j = n - 1 .. 0 the kernel calls `jax.vjp` of the very same step
-function the forward kernel runs, at stash[j] and mini-batch j, with
-cotangents (dweights, dz_j), and gets dweights_{j-1}, dq, dk, dv, deta,
-dln_weight, dln_bias in one go. With G = 1 there is no stash and no loop:
+Then for j = n - 1 .. 0 the kernel runs `pallas_kernels.minibatch.backward`
+at stash[j] and mini-batch j with the carried weight cotangent and dz_j:
+jax.vjp of the op's own read-out and update (one VJP each when the
+mini-batch is one tile), giving dweights_{j-1}, dq, dk, dv, deta and the
+LayerNorm-parameter gradients. With G = 1 there is no stash and no loop:
 the checkpoint block is the starting state. The per-stream gradients of the
 initial weights and of ln_weight, ln_bias are written at the last reverse
 step; the wrapper sums them over B.
 
-Shared math. Both kernels run `_kernel_step`: `_eta_column` followed by the
-op's own step (`ttt_jax.ops.ttt._step` of the inner model's update and
-read-out: batch-polymorphic einsums, here on plain 2-D tiles), so the XLA
-scan, these kernels and the GPU kernels share one definition of each step.
+Shared math. Both kernels run `pallas_kernels.minibatch` (forward, backward
+and the update-only recompute of one mini-batch in token tiles) over the
+op's own update and read-out (batch-polymorphic einsums, here on plain 2-D
+tiles), with `_eta_column` in front of the update; the GPU kernels run the
+same functions, so the XLA scan and all kernels share one definition of the
+step.
 
-Large mini-batches ("large-chunk" TTT, K in the hundreds or thousands). A
-mini-batch is held whole in VMEM: [K, d] token tiles, [K, F] intermediates
-and the eta row -> column selects (128 x 128 pieces). Up to an estimated 16 MiB
-(the smallest default scoped-VMEM limit) the kernels keep the default
-limit; above it they request 48 MiB, and beyond that they refuse with a
-named error. In fp32 at d = 64 that admits TTT-Linear up to K = 2048
-(about 27 MiB) and TTT-MLP up to K = 1024 (30 MiB; K = 2048 would need
-57 MiB). The GPU kernels
-(`pallas_kernels.gpu`) instead cut a mini-batch into token tiles, which the
-step's sum-then-read-out structure allows, and take any K.
+Large mini-batches ("large-chunk" TTT, K in the hundreds or thousands). The
+mini-batch's token blocks ([K, d], lane-padded) are held whole in VMEM, but
+the step runs in token tiles of Kt = min(K, 512) (static slices; K above
+512 must be a multiple of it): the update is summed over tiles, then each
+tile is read out, so [Kt, F] intermediates and 128 x 128 eta selects are
+all that one tile adds. Up to an estimated 16 MiB (the smallest default
+scoped-VMEM limit) the kernels keep the default limit; above it they
+request 48 MiB, and beyond that they refuse with a named error. In fp32 at
+d = 64 that is about 18 / 27 MiB at K = 2048 (TTT-Linear / TTT-MLP) and
+32 / 41 MiB at K = 4096.
 
 Matmul precision. With matmul_dtype = fp32 every matmul (forward and
 backward) has fp32 operands at Precision.HIGHEST, as in the op. With
@@ -153,10 +156,11 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from pallas_kernels import minibatch
 from pallas_kernels.common import (F32, LINEAR, MLP, InnerModel, check_dtypes, kernel_matmul,
                                    make_custom_vjp, remat_group_size, run_core,
                                    split_refs, to_kernel_dtype)
-from ttt_jax.ops.ttt import (LN_EPS, _check, _check_tokens, check_linear_weights,
+from ttt_jax.ops.ttt import (LN_EPS, _check, _check_tokens, _matmul, check_linear_weights,
                              check_mlp_weights)
 
 Array = jax.Array
@@ -173,9 +177,16 @@ _DEFAULT_VMEM_BYTES = 16 * 2**20
 _VMEM_LIMIT_BYTES = 48 * 2**20
 
 
-# Live [K, F] intermediates (beyond the [K, d] ones) of a step's VJP, for the
-# VMEM estimate.
+# Live [Kt, F] intermediates (beyond the [Kt, d] ones) of a step's VJP, for
+# the VMEM estimate.
 _KF_TEMPS = {LINEAR.name: 0, MLP.name: 14}
+# Token tile: mini-batches up to this size are one tile, larger ones must be
+# multiples of it (see "Large mini-batches").
+_TILE_K = 512
+
+
+def tile_size(K: int) -> int:
+  return min(K, _TILE_K)
 
 
 # ----------------------------------------------------------------------------
@@ -231,11 +242,53 @@ def _eta_column_bwd(_, g_col):
 _eta_column.defvjp(_eta_column_fwd, _eta_column_bwd)
 
 
-def _kernel_step(weights, xq, xk, xv, eta_row, ln_w, ln_b, *, model, mm, eps):
-  """The op's step on one stream's 2-D tiles, eta given as its [1, K] VMEM
-  row. Returns (new weights tuple, out [K, d])."""
-  return model.step(tuple(weights), (xq, xk, xv, _eta_column(eta_row)),
-                    ln_w=ln_w, ln_b=ln_b, eps=eps, mm=mm)
+class _Tiles:
+  """Token tiles of one mini-batch held in VMEM blocks: rows [t Kt, (t+1) Kt)
+  of the [K, d] token tiles and lanes of the [1, K] eta row, by static
+  slices (the tile loop is a Python loop). `j` picks the mini-batch of a
+  group block ([G, K, d]) in the backward; None for the forward's [K, d]."""
+
+  def __init__(self, tok_refs, Kt: int, T: int, j=None, out_refs=(), grad_refs=()):
+    self.q, self.k, self.v, self.eta, lnw_ref, lnb_ref = tok_refs
+    self.Kt, self.T, self.j = Kt, T, j
+    self.ln = (lnw_ref[...], lnb_ref[...])  # [1, d] each
+    self.out = dict(zip(("z",), out_refs))
+    self.out.update(zip(("dz", "dq", "dk", "dv", "deta"), grad_refs))
+
+  def _idx(self, t, eta=False):
+    rows = pl.ds(t * self.Kt, self.Kt)
+    idx = (slice(None), rows) if eta else (rows, slice(None))
+    return idx if self.j is None else (self.j, *idx)
+
+  def loop(self, body, carry):
+    for t in range(self.T):
+      carry = body(t, carry)
+    return carry
+
+  def keys(self, t):  # (xk, xv, eta row) [Kt, d], [Kt, d], [1, Kt]
+    i = self._idx(t)
+    return self.k[i].astype(F32), self.v[i].astype(F32), self.eta[self._idx(t, eta=True)]
+
+  def query(self, t):
+    return self.q[self._idx(t)].astype(F32)
+
+  def dz(self, t):
+    return self.out["dz"][self._idx(t)].astype(F32)
+
+  def _write(self, name, t, x, eta=False):
+    ref = self.out[name]
+    ref[self._idx(t, eta)] = x.astype(ref.dtype)
+
+  def write_z(self, t, z):
+    self._write("z", t, z)
+
+  def write_dq(self, t, dq):
+    self._write("dq", t, dq)
+
+  def write_dkv(self, t, dk, dv, deta):
+    self._write("dk", t, dk)
+    self._write("dv", t, dv)
+    self._write("deta", t, deta, eta=True)
 
 
 # ----------------------------------------------------------------------------
@@ -243,9 +296,9 @@ def _kernel_step(weights, xq, xk, xv, eta_row, ln_w, ln_b, *, model, mm, eps):
 # ----------------------------------------------------------------------------
 
 
-def _fwd_kernel(*refs, step, n_w, group, save_ckpt):
-  (q_ref, k_ref, v_ref, eta_ref, lnw_ref, lnb_ref), w0_refs, (z_ref,), wf_refs, \
-      ckpt_refs, w_scr = split_refs(refs, 6, n_w, 1, n_w, n_w if save_ckpt else 0, n_w)
+def _fwd_kernel(*refs, step, n_w, group, save_ckpt, Kt):
+  tok_refs, w0_refs, (z_ref,), wf_refs, ckpt_refs, w_scr = split_refs(
+      refs, 6, n_w, 1, n_w, n_w if save_ckpt else 0, n_w)
   nc = pl.program_id(1)
 
   @pl.when(nc == 0)
@@ -261,17 +314,16 @@ def _fwd_kernel(*refs, step, n_w, group, save_ckpt):
       for c, w in zip(ckpt_refs, weights):
         c[...] = w
 
-  new_weights, out = step(
-      weights, q_ref[...].astype(F32), k_ref[...].astype(F32),
-      v_ref[...].astype(F32), eta_ref[...], lnw_ref[...], lnb_ref[...])
-  z_ref[...] = out.astype(z_ref.dtype)
+  K = z_ref.shape[0]
+  new_weights = minibatch.forward(step, _Tiles(tok_refs, Kt, K // Kt, out_refs=(z_ref,)),
+                                  weights)
   for s, w in zip(w_scr, new_weights):
     s[...] = w
 
   @pl.when(nc == pl.num_programs(1) - 1)
   def _final():
-    for f, s in zip(wf_refs, w_scr):
-      f[...] = s[...]
+    for o, s in zip(wf_refs, w_scr):
+      o[...] = s[...]
 
 
 def _loop(n: int, body: Callable[[Any], None], *, reverse: bool = False) -> None:
@@ -285,14 +337,16 @@ def _loop(n: int, body: Callable[[Any], None], *, reverse: bool = False) -> None
     jax.lax.fori_loop(0, n, f, None)
 
 
-def _bwd_kernel(*refs, step, n_w, group, n_chunks):
+def _bwd_kernel(*refs, step, n_w, group, n_chunks, Kt):
   stash_n = n_w if group > 1 else 0
-  (q_ref, k_ref, v_ref, eta_ref, lnw_ref, lnb_ref), ckpt_refs, (dz_ref,), dwf_refs, \
+  tok_refs, ckpt_refs, (dz_ref,), dwf_refs, \
       (dq_ref, dk_ref, dv_ref, deta_ref, dlnw_ref, dlnb_ref), dw0_refs, \
       dw_scr, stash, (dlnw_scr, dlnb_scr) = split_refs(
           refs, 6, n_w, 1, n_w, 6, n_w, n_w, stash_n, 2)
   g = pl.program_id(1)  # reverse step: group NG - 1 - g
   n_groups = -(-n_chunks // group)
+  T = dz_ref.shape[1] // Kt
+  grad_refs = (dz_ref, dq_ref, dk_ref, dv_ref, deta_ref)
 
   @pl.when(g == 0)
   def _init():
@@ -309,10 +363,6 @@ def _bwd_kernel(*refs, step, n_w, group, n_chunks):
   else:
     valid = lambda j: True
 
-  def inputs(j):  # mini-batch j of the group, in the step's argument order
-    return (q_ref[j].astype(F32), k_ref[j].astype(F32), v_ref[j].astype(F32),
-            eta_ref[j], lnw_ref[...], lnb_ref[...])
-
   if group == 1:
     start = lambda j: tuple(c[...] for c in ckpt_refs)
   else:
@@ -323,7 +373,7 @@ def _bwd_kernel(*refs, step, n_w, group, n_chunks):
     def recompute(j):  # stash[j + 1] = the weights after mini-batch j
       @pl.when(valid(j + 1))
       def _():
-        new_weights, _ = step(start(j), *inputs(j))
+        new_weights = minibatch.updated(step, _Tiles(tok_refs, Kt, T, j=j), start(j))
         for s, w in zip(stash, new_weights):
           s[j + 1] = w
 
@@ -332,14 +382,11 @@ def _bwd_kernel(*refs, step, n_w, group, n_chunks):
   def reverse_step(j):
     @pl.when(valid(j))
     def _():
-      _, step_vjp = jax.vjp(step, start(j), *inputs(j))
-      dweights, dq, dk, dv, deta, dlnw, dlnb = step_vjp(
-          (tuple(s[...] for s in dw_scr), dz_ref[j].astype(F32)))
-      dq_ref[j] = dq.astype(dq_ref.dtype)
-      dk_ref[j] = dk.astype(dk_ref.dtype)
-      dv_ref[j] = dv.astype(dv_ref.dtype)
-      deta_ref[j] = deta
-      for s, dw in zip(dw_scr, dweights):
+      zeros = (jnp.zeros_like(dlnw_scr), jnp.zeros_like(dlnb_scr))
+      dstart, (dlnw, dlnb) = minibatch.backward(
+          step, _Tiles(tok_refs, Kt, T, j=j, grad_refs=grad_refs), start(j),
+          tuple(s[...] for s in dw_scr), zeros)
+      for s, dw in zip(dw_scr, dstart):
         s[...] = dw
       dlnw_scr[...] += dlnw
       dlnb_scr[...] += dlnb
@@ -391,7 +438,7 @@ def _compiler_params(vmem_limit: int):
                               vmem_limit_bytes=vmem_limit)
 
 
-def _forward_call(q, k, v, eta, ln_w, ln_b, weights0, *, save_ckpt, H, step, group, name,
+def _forward_call(q, k, v, eta, ln_w, ln_b, weights0, *, save_ckpt, H, step, group, Kt, name,
                   vmem_limit, interpret):
   BH, NC, K, d = q.shape
   shapes = [w.shape[1:] for w in weights0]
@@ -410,7 +457,7 @@ def _forward_call(q, k, v, eta, ln_w, ln_b, weights0, *, save_ckpt, H, step, gro
     out_shape += [sds((BH, n_groups, *s), F32) for s in shapes]
   outs = pl.pallas_call(
       functools.partial(_fwd_kernel, step=step, n_w=len(shapes), group=group,
-                        save_ckpt=save_ckpt),
+                        save_ckpt=save_ckpt, Kt=Kt),
       grid=(BH, NC),
       in_specs=[tok, tok, tok, row, vec, vec] + [_head_spec(s, H) for s in shapes],
       out_specs=out_specs,
@@ -424,7 +471,7 @@ def _forward_call(q, k, v, eta, ln_w, ln_b, weights0, *, save_ckpt, H, step, gro
   return outs[0], tuple(outs[1:1 + n_w]), tuple(outs[1 + n_w:])
 
 
-def _backward_call(q, k, v, eta, ln_w, ln_b, ckpts, dz, dweights_f, *, H, step, group,
+def _backward_call(q, k, v, eta, ln_w, ln_b, ckpts, dz, dweights_f, *, H, step, group, Kt,
                    name, vmem_limit, interpret):
   BH, NC, K, d = q.shape
   shapes = [w.shape[2:] for w in ckpts]
@@ -439,7 +486,8 @@ def _backward_call(q, k, v, eta, ln_w, ln_b, ckpts, dz, dweights_f, *, H, step, 
     scratch += [pltpu.VMEM((group, *s), F32) for s in shapes]  # recomputed states
   scratch += [pltpu.VMEM((1, d), F32), pltpu.VMEM((1, d), F32)]
   outs = pl.pallas_call(
-      functools.partial(_bwd_kernel, step=step, n_w=len(shapes), group=group, n_chunks=NC),
+      functools.partial(_bwd_kernel, step=step, n_w=len(shapes), group=group, n_chunks=NC,
+                        Kt=Kt),
       grid=(BH, n_groups),
       in_specs=([tok, tok, tok, row, vec, vec] + [_ckpt_spec(s, rev) for s in shapes]
                 + [tok] + [_stream_spec(s) for s in shapes]),
@@ -466,14 +514,18 @@ def _vmem_estimate_bytes(model: InnerModel, K: int, d: int, weight_shapes, items
   pad = lambda n, m: -(-n // m) * m
   tile = lambda rows, cols: pad(rows, _SUBLANES) * pad(cols, _LANES)  # fp32 elements
   F = max(s[-1] for s in weight_shapes)  # hidden width (d for TTT-Linear)
-  tok, row, vec, kf = tile(K, d), tile(1, K), tile(1, d), tile(K, F)
+  Kt = tile_size(K)
+  tok, row, vec = tile(K, d), tile(1, K), tile(1, d)
   wset = sum(tile(*s) for s in weight_shapes)  # one copy of the fast weights
   # q, k, v, dz in and dq, dk, dv out (G mini-batches each), eta and deta,
   # checkpoint, final-weight cotangent and dweights0, ln params and their grads.
   blocks = 7 * group * tok * itemsize + 2 * group * row * 4 + 3 * wset * 4 + 4 * vec * 4
   scratch = (1 + (group if group > 1 else 0)) * wset * 4 + 2 * vec * 4
-  piece = min(K, _LANES)  # the eta row <-> column selects
-  temps = (12 * tok + _KF_TEMPS[model.name] * kf + 4 * wset + 2 * tile(piece, piece)) * 4
+  # One token tile's intermediates at a time ([Kt, d], [Kt, F]), the weight
+  # sets of the step (start, updated, their cotangents) and the eta selects.
+  piece = min(Kt, _LANES)
+  temps = (12 * tile(Kt, d) + _KF_TEMPS[model.name] * tile(Kt, F) + 4 * wset
+           + 2 * tile(piece, piece)) * 4
   return 2 * blocks + scratch + temps  # in/out blocks are double-buffered
 
 
@@ -482,6 +534,9 @@ def _check_kernel_constraints(model: InnerModel, q, matmul_dtype, K: int, d: int
   """Named ValueErrors for what the kernels cannot run; returns the VMEM limit."""
   fn = f"{model.name}_pallas"
   check_dtypes(fn, model.name, q, matmul_dtype)
+  if K > _TILE_K and K % _TILE_K:
+    raise ValueError(f"{fn}: K (mini-batch size) = {K} must be at most {_TILE_K} or a "
+                     f"multiple of it: larger mini-batches run in {_TILE_K}-token tiles")
   dims = [("K (mini-batch size)", K), ("d (head dim)", d)]
   if model is MLP:
     dims.append(("F (MLP hidden width)", weight_shapes[0][-1]))
@@ -499,8 +554,8 @@ def _check_kernel_constraints(model: InnerModel, q, matmul_dtype, K: int, d: int
         f"remat_group {group} need about {need / 2**20:.1f} MiB of VMEM per grid step "
         f"(one mini-batch, or a group of remat_group in the backward, the fast weights "
         f"and their cotangents are held whole), over the {_VMEM_LIMIT_BYTES // 2**20} "
-        f"MiB limit; use ttt_jax.ops.{model.name} or the GPU kernels (which tile large "
-        f"mini-batches), a smaller remat_group, mini-batch or head dim.")
+        f"MiB limit; use ttt_jax.ops.{model.name}, a smaller remat_group, mini-batch "
+        f"or head dim.")
   # Raise the scoped-VMEM limit only where the default may not do.
   return None if need <= _DEFAULT_VMEM_BYTES else _VMEM_LIMIT_BYTES
 
@@ -515,9 +570,10 @@ def _ttt_pallas(model: InnerModel, q, k, v, eta, ln_weight, ln_bias, weights, B,
                                          [w.shape[1:] for w in weights], group)
   if interpret is True:
     interpret = pltpu.InterpretParams()
-  step = functools.partial(_kernel_step, model=model, mm=kernel_matmul(matmul_dtype), eps=eps)
-  calls = dict(H=H, step=step, group=group, name=model.name, vmem_limit=vmem_limit,
-               interpret=interpret)
+  step = minibatch.Step.make(model, mm=_matmul(matmul_dtype, F32),
+                             mm_vjp=kernel_matmul(matmul_dtype), eps=eps, eta_column=_eta_column)
+  calls = dict(H=H, step=step, group=group, Kt=tile_size(K), name=model.name,
+               vmem_limit=vmem_limit, interpret=interpret)
   core = make_custom_vjp(functools.partial(_forward_call, **calls),
                          functools.partial(_backward_call, **calls), B=B, H=H)
   return run_core(core, q, k, v, eta, ln_weight, ln_bias, weights,

@@ -48,14 +48,11 @@ from jax.experimental.pallas import tpu as pltpu
 from tests.pallas_kernels.kernel_testing import (WEIGHT_NAMES, assert_close, check_against_op, check_bf16_against_op,
                             check_bf16_tokens, grad_structs, loss_of, make_inputs, np_inputs,
                             weight_shapes)
-from pallas_kernels.common import LINEAR, MLP, kernel_matmul
 from pallas_kernels.tpu import ttt as kernel_mod
 from pallas_kernels.tpu import ttt_linear_pallas, ttt_mlp_pallas
 from ttt_jax.ops import ttt_linear
-from ttt_jax.ops.ttt import LN_EPS, _matmul
 
 KERNELS = {"linear": ttt_linear_pallas, "mlp": ttt_mlp_pallas}
-MODELS = {"linear": LINEAR, "mlp": MLP}
 
 
 def kernel(kind):
@@ -67,24 +64,15 @@ def kernel(kind):
 # ----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("matmul_dtype", [jnp.float32, jnp.bfloat16])
-@pytest.mark.parametrize("kind", ["linear", "mlp"])
-def test_kernel_step_matches_batched_op_step(kind, matmul_dtype):
-  """`_kernel_step` (eta row -> column, the 2-D kernel matmul, then the op's
-  step on 2-D tiles) equals the op's step with [B, H] = [1, 1]."""
-  q, k, v, eta, ln_w, ln_b, *weights = make_inputs(kind, 1, 1, 1, 16, 64)
-  tok = lambda x: x[:, :, 0]  # [1, 1, K, d]
-  want_weights, want_out = MODELS[kind].step(
-      tuple(w[None] for w in weights), (tok(q), tok(k), tok(v), eta[:, :, 0][..., None]),
-      ln_w=ln_w[None, :, None], ln_b=ln_b[None, :, None], eps=LN_EPS,
-      mm=_matmul(matmul_dtype, jnp.float32))
-  got_weights, got_out = kernel_mod._kernel_step(
-      tuple(w[0] for w in weights), q[0, 0, 0], k[0, 0, 0], v[0, 0, 0],
-      eta[0, 0, 0][None, :], ln_w[0][None], ln_b[0][None], model=MODELS[kind],
-      mm=kernel_matmul(matmul_dtype), eps=LN_EPS)
-  assert_close(got_out, want_out[0, 0], 1e-6, "out")
-  for name, got, want in zip(WEIGHT_NAMES[kind], got_weights, want_weights):
-    assert_close(got, want[0, 0], 1e-6, name)
+@pytest.mark.parametrize("K", [16, 200, 512])
+def test_eta_row_to_column_and_back_exactly(K):
+  """`_eta_column` ([1, K] row -> [K, 1] column in 128-lane pieces; K = 200
+  ends in a ragged piece) and its mirrored VJP are exact permutations."""
+  row = jax.random.uniform(jax.random.key(0), (1, K))
+  col, vjp = jax.vjp(kernel_mod._eta_column, row)
+  np.testing.assert_array_equal(col, row.T)
+  g = jax.random.normal(jax.random.key(1), (K, 1))
+  np.testing.assert_array_equal(vjp(g)[0], g.T)
 
 
 # ----------------------------------------------------------------------------
@@ -122,19 +110,20 @@ def test_bf16_tokens():
   check_bf16_tokens(kernel("linear"), (1, 1, 2, 8, 64))
 
 
-@pytest.mark.parametrize("kind, K", [("linear", 512), ("mlp", 200)])
+@pytest.mark.parametrize("kind, K", [("linear", 512), ("mlp", 200), ("mlp", 1024)])
 def test_large_chunk_matches_op(kind, K):
-  """Large-chunk TTT: hundreds of tokens per inner step, held whole in VMEM;
-  eta turned into a column in 128-lane pieces (K = 200: a ragged last one)."""
+  """Large-chunk TTT: hundreds of tokens per inner step, eta turned into a
+  column in 128-lane pieces (K = 200: a ragged last one); K = 1024 runs as
+  two 512-token tiles (update summed over tiles, then each read out)."""
   check_against_op(kind, kernel(kind), (1, 1, 2, K, 64), tol_values=1e-5, tol_grads=1e-4)
 
 
 def test_large_chunk_raises_the_vmem_limit():
   """Mini-batches whose VMEM estimate exceeds the 16 MiB default scoped limit
-  ask Mosaic for 48 MiB (K = 2048 here); small ones keep the default."""
+  ask Mosaic for 48 MiB (TTT-MLP, K = 2048 here); small ones keep the default."""
   def scoped_vmem(K):
-    structs = grad_structs("linear", 1, 2, 2, K, 64, jnp.bfloat16)
-    text = jax.export.export(jax.jit(ttt_linear_pallas), platforms=["tpu"])(*structs).mlir_module()
+    structs = grad_structs("mlp", 1, 2, 2, K, 64, jnp.bfloat16)
+    text = jax.export.export(jax.jit(ttt_mlp_pallas), platforms=["tpu"])(*structs).mlir_module()
     return re.findall(r'\\22scoped_memory_configs\\22: \[\{\\22memory_space\\22:1, '
                       r'\\22offset\\22: 0, \\22size\\22: (\d+)\}', text)
 
@@ -159,7 +148,8 @@ def test_force_tpu_interpret_mode_context():
     ("linear", dict(d=60), {}, r"d \(head dim\) = 60 must be a multiple of 8"),
     ("linear", dict(dtype=np.float64), {}, "ttt_linear_pallas: q is float64"),
     ("linear", {}, dict(matmul_dtype=jnp.float16), "matmul_dtype must be float32 or bfloat16"),
-    ("mlp", dict(K=2048, d=64), {}, "need about 56.6 MiB of VMEM .* over the 48 MiB limit"),
+    ("mlp", dict(K=8192, d=64), {}, "need about 69.4 MiB of VMEM .* over the 48 MiB limit"),
+    ("linear", dict(K=1000), {}, r"K \(mini-batch size\) = 1000 must be at most 512 or a multiple of it"),
     ("mlp", dict(F=100), {}, r"F \(MLP hidden width\) = 100 must be a multiple of 8"),
     ("mlp", dict(dtype=np.float64), {}, "ttt_mlp_pallas: q is float64"),
     ("mlp", dict(K=64, d=512), {}, "ttt_mlp_pallas: .* MiB of VMEM"),
@@ -200,7 +190,7 @@ def test_rejects_bad_shapes_like_the_op():
     ("mlp", jnp.float32, None, 64, None, 64),
     ("mlp", jnp.bfloat16, jnp.bfloat16, 64, 3, 64),  # 8 = 3 + 3 + 2: guarded partial group
     ("mlp", jnp.float32, jnp.bfloat16, 128, 4, 64),
-    ("mlp", jnp.bfloat16, jnp.bfloat16, 64, None, 1024),  # large chunk
+    ("mlp", jnp.bfloat16, jnp.bfloat16, 64, None, 2048),  # large chunk: 4 tiles of 512
 ])
 def test_exports_for_tpu(kind, token_dtype, matmul_dtype, d, remat_group, K):
   B, H, NC = 2, 4, 8
