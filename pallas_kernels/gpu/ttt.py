@@ -21,7 +21,7 @@ registers, so a large mini-batch (K = 256 .. 2048, "large-chunk" TTT) cannot
 be one tile. The kernels therefore cut each mini-batch into T = K / Kt tiles
 of Kt tokens (`block_k`, default 64, or K if smaller) and use that the step
 is a sum over tokens followed by a per-token read-out
-(`pallas_kernels.common.InnerModel`): the update sums the per-tile inner
+(`pallas_kernels.minibatch`): the update sums the per-tile inner
 gradients at W_{b-1}, then every tile is read out through W_b. Registers
 then scale with Kt, not K, and any K that is a multiple of Kt works. Token
 arrays are viewed as [B * H, NC * T, Kt, d] (a free reshape), eta as
@@ -88,9 +88,9 @@ class _Tiles:
   """Token tiles of mini-batch n of one stream: tile t is row n * T + t of the
   [NC * T, Kt, ...] token refs (dynamic n and t: loads at computed offsets)."""
 
-  def __init__(self, tok_refs, n, T: int, grad_refs=()):
+  def __init__(self, tok_refs, n, T: int, z_ref=None, grad_refs=()):
     self.q, self.k, self.v, self.eta, lnw_ref, lnb_ref = tok_refs
-    self.n, self.T = n, T
+    self.n, self.T, self.z_ref = n, T, z_ref
     self.ln = (lnw_ref[...], lnb_ref[...])  # [1, d] each
     if grad_refs:
       self.dz_ref, self.dq_ref, self.dk_ref, self.dv_ref, self.deta_ref = grad_refs
@@ -137,9 +137,7 @@ def _fwd_kernel(*refs, step, n_w, T, n_chunks, group, save_ckpt):
         for c, w in zip(ckpt_refs, weights):
           c[jax.lax.div(n, group)] = w
 
-    tiles = _Tiles(tok_refs, n, T)
-    tiles.z_ref = z_ref
-    return minibatch.forward(step, tiles, weights)
+    return minibatch.forward(step, _Tiles(tok_refs, n, T, z_ref=z_ref), weights)
 
   final = jax.lax.fori_loop(0, n_chunks, chunk, tuple(w[...] for w in w0_refs))
   for o, w in zip(wf_refs, final):
@@ -162,7 +160,7 @@ def _bwd_kernel(*refs, step, n_w, T, n_chunks, group):
       start = jax.lax.fori_loop(
           0, jax.lax.rem(n, group),
           lambda j, w: minibatch.updated(step, _Tiles(tok_refs, first + j, T), w), start)
-    return minibatch.backward(step, _Tiles(tok_refs, n, T, grad_refs), start, dnew, dln)
+    return minibatch.backward(step, _Tiles(tok_refs, n, T, grad_refs=grad_refs), start, dnew, dln)
 
   ln = (tok_refs[4][...], tok_refs[5][...])
   dweights0, (dlnw, dlnb) = jax.lax.fori_loop(
