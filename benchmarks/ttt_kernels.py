@@ -27,7 +27,7 @@ import jax.numpy as jnp
 
 from bench_utils import emit, fwd_and_bwd, make_inputs, step_flops  # this directory
 from ttt_jax.ops import inner_loop
-from ttt_jax.ops.dispatch import IMPLS, KINDS, resolve_impl
+from ttt_jax.ops.dispatch import IMPLS, KINDS, NATIVE_KERNELS, resolve_impl
 
 _SEQ_LENS = flags.DEFINE_list("seq_lens", ["1024", "4096", "16384"],
                               "Tokens per (batch, head) stream; multiples of --K.")
@@ -46,7 +46,7 @@ _INTERPRET = flags.DEFINE_bool("interpret", False,
 _OUT = flags.DEFINE_string("out", None, "Also write the JSON document to this file.")
 
 _OP_NAMES = {"linear": "ttt_linear", "mlp": "ttt_mlp"}
-_KERNEL_PLATFORM = {"pallas_tpu": "tpu", "pallas_gpu": "gpu"}  # jax.default_backend() names
+_KERNEL_PLATFORM = {impl: backend for backend, impl in NATIVE_KERNELS.items()}
 
 
 def _kernel_impls(impls: Sequence[str], interpret: bool) -> dict[str, str]:
@@ -56,7 +56,7 @@ def _kernel_impls(impls: Sequence[str], interpret: bool) -> dict[str, str]:
   for impl in impls:
     if impl == "xla":
       continue
-    if impl == "pallas" and backend not in _KERNEL_PLATFORM.values():
+    if impl == "pallas" and backend not in NATIVE_KERNELS:
       if not interpret:
         raise app.UsageError(f"impl 'pallas' means the default backend's kernels and this "
                              f"backend is {backend!r}: run on a TPU or GPU, or pass --interpret "

@@ -51,7 +51,7 @@ Array = jax.Array
 WEIGHT_NAMES = {"linear": ("W", "b"), "mlp": ("W1", "b1", "W2", "b2")}
 KINDS = tuple(WEIGHT_NAMES)
 IMPLS = ("xla", "pallas", "pallas_tpu", "pallas_gpu")
-_NATIVE_KERNELS = {"tpu": "pallas_tpu", "gpu": "pallas_gpu"}
+NATIVE_KERNELS = {"tpu": "pallas_tpu", "gpu": "pallas_gpu"}  # jax.default_backend() -> impl
 
 
 def check_kind_impl(kind: str, impl: str) -> None:
@@ -69,12 +69,12 @@ def resolve_impl(impl: str) -> str:
   if impl != "pallas":
     return impl
   backend = jax.default_backend()
-  if backend not in _NATIVE_KERNELS:
+  if backend not in NATIVE_KERNELS:
     raise ValueError(
         f"inner_loop: impl='pallas' means the fused kernels of the default backend, and "
         f"the default backend {backend!r} has none; use impl='xla', or "
         f"'pallas_tpu' / 'pallas_gpu' with interpret=True to interpret a kernel here")
-  return _NATIVE_KERNELS[backend]
+  return NATIVE_KERNELS[backend]
 
 
 def inner_loop(
