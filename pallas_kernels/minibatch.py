@@ -6,7 +6,7 @@ cut a mini-batch of K tokens into T tiles of Kt = K / T tokens and hold only
 one tile's intermediates at a time ("large-chunk" TTT with K in the
 thousands needs this on every accelerator). Both the TPU and the GPU kernels
 run the functions below; they differ only in how tiles are read and written
-(`Tiles`: refs and layout of the backend) and in how the tile loop is
+(`Tiles.index`: the backend's layout) and in how the tile loop is
 emitted (a Python loop of static slices on TPU, a `fori_loop` on GPU).
 
 Backward of one mini-batch, given its starting weights W_{b-1} and the
@@ -21,41 +21,70 @@ update pass). Every VJP is `jax.vjp` of the op's own update / read-out.
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 import functools
-from typing import Any, Callable, Protocol
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.common import InnerModel
+from pallas_kernels.common import F32, InnerModel
 
 Array = jax.Array
 Weights = tuple[Array, ...]
 
 
-class Tiles(Protocol):
-  """A backend's view of one mini-batch's token tiles (t in range(T))."""
-  T: int
-  ln: tuple[Array, Array]  # (ln_weight, ln_bias), [1, d] each
+class Tiles(abc.ABC):
+  """One mini-batch's token tiles (t in range(T)), read from and written to
+  the kernel's refs. A backend says only where tile t lives (`index`) and
+  how the tile loop is emitted (`loop`).
 
+  tok_refs: (q, k, v, eta, ln_weight, ln_bias) refs; z_ref (forward) or
+  grad_refs = (dz, dq, dk, dv, deta) refs (backward) for the outputs.
+  """
+
+  def __init__(self, tok_refs, T: int, z_ref=None, grad_refs=()):
+    self.q, self.k, self.v, self.eta, lnw_ref, lnb_ref = tok_refs
+    self.T = T
+    self.ln = (lnw_ref[...], lnb_ref[...])  # [1, d] each
+    self.out = {"z": z_ref, **dict(zip(("dz", "dq", "dk", "dv", "deta"), grad_refs))}
+
+  @abc.abstractmethod
+  def index(self, t, eta: bool = False) -> Any:
+    """The ref index of tile t in the token refs (eta: in the eta refs)."""
+
+  @abc.abstractmethod
   def loop(self, body: Callable[[Any, Any], Any], carry: Any) -> Any:
     """carry = body(t, carry) for t in range(T)."""
 
   def keys(self, t) -> tuple[Array, Array, Array]:
     """(xk, xv, eta) of tile t, fp32; eta in the layout `Step.update` takes."""
+    i = self.index(t)
+    return self.k[i].astype(F32), self.v[i].astype(F32), self.eta[self.index(t, eta=True)]
 
   def query(self, t) -> Array:
     """xq [Kt, d] of tile t, fp32."""
+    return self.q[self.index(t)].astype(F32)
 
   def dz(self, t) -> Array:
     """The cotangent of z for tile t, fp32."""
+    return self.out["dz"][self.index(t)].astype(F32)
 
-  def write_z(self, t, z: Array) -> None: ...
+  def _write(self, name: str, t, x: Array, eta: bool = False) -> None:
+    ref = self.out[name]
+    ref[self.index(t, eta)] = x.astype(ref.dtype)
 
-  def write_dq(self, t, dq: Array) -> None: ...
+  def write_z(self, t, z: Array) -> None:
+    self._write("z", t, z)
 
-  def write_dkv(self, t, dk: Array, dv: Array, deta: Array) -> None: ...
+  def write_dq(self, t, dq: Array) -> None:
+    self._write("dq", t, dq)
+
+  def write_dkv(self, t, dk: Array, dv: Array, deta: Array) -> None:
+    self._write("dk", t, dk)
+    self._write("dv", t, dv)
+    self._write("deta", t, deta, eta=True)
 
 
 def _add(xs, ys):

@@ -84,46 +84,22 @@ _MIN_DIM = 16  # smallest Triton tensor-core matmul dim
 DEFAULT_BLOCK_K = 64
 
 
-class _Tiles:
+class _Tiles(minibatch.Tiles):
   """Token tiles of mini-batch n of one stream: tile t is row n * T + t of the
-  [NC * T, Kt, ...] token refs (dynamic n and t: loads at computed offsets)."""
+  [NC * T, Kt, ...] token and eta refs (dynamic n and t: loads at computed
+  offsets)."""
 
-  def __init__(self, tok_refs, n, T: int, z_ref=None, grad_refs=()):
-    self.q, self.k, self.v, self.eta, lnw_ref, lnb_ref = tok_refs
-    self.n, self.T, self.z_ref = n, T, z_ref
-    self.ln = (lnw_ref[...], lnb_ref[...])  # [1, d] each
-    if grad_refs:
-      self.dz_ref, self.dq_ref, self.dk_ref, self.dv_ref, self.deta_ref = grad_refs
+  def __init__(self, tok_refs, n, T: int, **out_refs):
+    super().__init__(tok_refs, T, **out_refs)
+    self.n = n
 
-  def row(self, t):
+  def index(self, t, eta=False):
     return self.n * self.T + t
 
   def loop(self, body, carry):
     if self.T == 1:  # inlined: the common case
       return body(0, carry)
     return jax.lax.fori_loop(0, self.T, body, carry)
-
-  def keys(self, t):  # (xk, xv, eta) [Kt, d], [Kt, d], [Kt, 1]
-    i = self.row(t)
-    return self.k[i].astype(F32), self.v[i].astype(F32), self.eta[i]
-
-  def query(self, t):
-    return self.q[self.row(t)].astype(F32)  # [Kt, d]
-
-  def dz(self, t):
-    return self.dz_ref[self.row(t)].astype(F32)
-
-  def write_z(self, t, z):
-    self.z_ref[self.row(t)] = z.astype(self.z_ref.dtype)
-
-  def write_dq(self, t, dq):
-    self.dq_ref[self.row(t)] = dq.astype(self.dq_ref.dtype)
-
-  def write_dkv(self, t, dk, dv, deta):
-    i = self.row(t)
-    self.dk_ref[i] = dk.astype(self.dk_ref.dtype)
-    self.dv_ref[i] = dv.astype(self.dv_ref.dtype)
-    self.deta_ref[i] = deta
 
 
 def _fwd_kernel(*refs, step, n_w, T, n_chunks, group, save_ckpt):

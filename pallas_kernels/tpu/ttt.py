@@ -242,20 +242,17 @@ def _eta_column_bwd(_, g_col):
 _eta_column.defvjp(_eta_column_fwd, _eta_column_bwd)
 
 
-class _Tiles:
+class _Tiles(minibatch.Tiles):
   """Token tiles of one mini-batch held in VMEM blocks: rows [t Kt, (t+1) Kt)
   of the [K, d] token tiles and lanes of the [1, K] eta row, by static
   slices (the tile loop is a Python loop). `j` picks the mini-batch of a
   group block ([G, K, d]) in the backward; None for the forward's [K, d]."""
 
-  def __init__(self, tok_refs, Kt: int, T: int, j=None, out_refs=(), grad_refs=()):
-    self.q, self.k, self.v, self.eta, lnw_ref, lnb_ref = tok_refs
-    self.Kt, self.T, self.j = Kt, T, j
-    self.ln = (lnw_ref[...], lnb_ref[...])  # [1, d] each
-    self.out = dict(zip(("z",), out_refs))
-    self.out.update(zip(("dz", "dq", "dk", "dv", "deta"), grad_refs))
+  def __init__(self, tok_refs, Kt: int, T: int, j=None, **out_refs):
+    super().__init__(tok_refs, T, **out_refs)
+    self.Kt, self.j = Kt, j
 
-  def _idx(self, t, eta=False):
+  def index(self, t, eta=False):
     rows = pl.ds(t * self.Kt, self.Kt)
     idx = (slice(None), rows) if eta else (rows, slice(None))
     return idx if self.j is None else (self.j, *idx)
@@ -264,31 +261,6 @@ class _Tiles:
     for t in range(self.T):
       carry = body(t, carry)
     return carry
-
-  def keys(self, t):  # (xk, xv, eta row) [Kt, d], [Kt, d], [1, Kt]
-    i = self._idx(t)
-    return self.k[i].astype(F32), self.v[i].astype(F32), self.eta[self._idx(t, eta=True)]
-
-  def query(self, t):
-    return self.q[self._idx(t)].astype(F32)
-
-  def dz(self, t):
-    return self.out["dz"][self._idx(t)].astype(F32)
-
-  def _write(self, name, t, x, eta=False):
-    ref = self.out[name]
-    ref[self._idx(t, eta)] = x.astype(ref.dtype)
-
-  def write_z(self, t, z):
-    self._write("z", t, z)
-
-  def write_dq(self, t, dq):
-    self._write("dq", t, dq)
-
-  def write_dkv(self, t, dk, dv, deta):
-    self._write("dk", t, dk)
-    self._write("dv", t, dv)
-    self._write("deta", t, deta, eta=True)
 
 
 # ----------------------------------------------------------------------------
@@ -315,7 +287,7 @@ def _fwd_kernel(*refs, step, n_w, group, save_ckpt, Kt):
         c[...] = w
 
   K = z_ref.shape[0]
-  new_weights = minibatch.forward(step, _Tiles(tok_refs, Kt, K // Kt, out_refs=(z_ref,)),
+  new_weights = minibatch.forward(step, _Tiles(tok_refs, Kt, K // Kt, z_ref=z_ref),
                                   weights)
   for s, w in zip(w_scr, new_weights):
     s[...] = w

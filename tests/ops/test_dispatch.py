@@ -21,6 +21,7 @@ from flax import nnx
 from ttt_jax.data.layout import VideoLayout
 from ttt_jax.layers.ttt import TTT
 from ttt_jax.ops import inner_loop, ttt_linear, ttt_mlp
+from tests.pallas_kernels.kernel_testing import TRITON_CALL, export_text
 from ttt_jax.ops.dispatch import resolve_impl
 
 
@@ -39,15 +40,8 @@ def make_inputs(kind, B=1, H=2, NC=2, K=16, d=16, seed=0):
 
 KERNELS = ["pallas_tpu", "pallas_gpu"]
 SUFFIX = {"pallas_tpu": "pallas", "pallas_gpu": "pallas_gpu"}  # kernel function names
-CUSTOM_CALL = {"pallas_tpu": "tpu_custom_call", "pallas_gpu": "__gpu$xla.gpu.triton"}
-
-
-def export(fn, impl, *args):
-  """jax.export for the impl's platform from this CPU host."""
-  if impl == "pallas_tpu":
-    return jax.export.export(jax.jit(fn), platforms=["tpu"])(*args)
-  return jax.export.export(jax.jit(fn), platforms=["cuda"], disabled_checks=[
-      jax.export.DisabledSafetyCheck.custom_call(CUSTOM_CALL[impl])])(*args)
+CUSTOM_CALL = {"pallas_tpu": "tpu_custom_call", "pallas_gpu": TRITON_CALL}
+PLATFORM = {"pallas_tpu": "tpu", "pallas_gpu": "cuda"}
 
 
 def assert_close(got, want, tol, what=""):
@@ -119,7 +113,7 @@ def test_kernel_remat_group_sets_the_checkpoints(impl):
   args = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in make_inputs("mlp", B, H, NC, K, d)]
   for G, n_ckpt in [(None, 5), (2, 3), (5, 1)]:
     loss = lambda *a: jnp.sum(inner_loop("mlp", impl, *a, remat_group=G))
-    text = export(jax.grad(loss, argnums=tuple(range(len(args)))), impl, *args).mlir_module()
+    text = export_text(jax.grad(loss, argnums=tuple(range(len(args)))), PLATFORM[impl], *args)
     assert text.count(CUSTOM_CALL[impl]) == 2  # forward with checkpoints, backward
     assert f"tensor<{B * H}x{n_ckpt}x{d}x{4 * d}xf32>" in text, G  # the W1 checkpoints
 

@@ -133,6 +133,18 @@ def check_bf16_tokens(kernel, shape):
     assert_close(got, want, 1e-2, f"d{name}")
 
 
+TRITON_CALL = "__gpu$xla.gpu.triton"
+
+
+def export_text(fn, platform: str, *args) -> str:
+  """The StableHLO text of jax.jit(fn) exported from this CPU host for
+  `platform` ("tpu" or "cuda"; for CUDA the Triton custom call is allowed)."""
+  disabled = ([jax.export.DisabledSafetyCheck.custom_call(TRITON_CALL)]
+              if platform == "cuda" else [])
+  return jax.export.export(jax.jit(fn), platforms=[platform],
+                           disabled_checks=disabled)(*args).mlir_module()
+
+
 def grad_structs(kind, B, H, NC, K, d, token_dtype):
   """ShapeDtypeStructs of a kernel's arguments, for jax.export."""
   S, f32 = jax.ShapeDtypeStruct, jnp.float32

@@ -29,12 +29,12 @@ from jax._src.pallas.triton import lowering as triton_lowering
 
 from pallas_kernels.gpu import ttt as kernel_mod
 from pallas_kernels.gpu import ttt_linear_pallas_gpu, ttt_mlp_pallas_gpu
-from tests.pallas_kernels.kernel_testing import (check_against_op, check_bf16_against_op,
-                                                 check_bf16_tokens, grad_structs, loss_of,
+from tests.pallas_kernels.kernel_testing import (TRITON_CALL, check_against_op,
+                                                 check_bf16_against_op, check_bf16_tokens,
+                                                 export_text, grad_structs, loss_of,
                                                  make_inputs, np_inputs, weight_shapes)
 
 KERNELS = {"linear": ttt_linear_pallas_gpu, "mlp": ttt_mlp_pallas_gpu}
-TRITON_CALL = "__gpu$xla.gpu.triton"
 
 
 def kernel(kind):
@@ -134,13 +134,6 @@ def test_rejects_bad_shapes_like_the_op():
 # ----------------------------------------------------------------------------
 
 
-def export_cuda(fn, structs):
-  return jax.export.export(
-      jax.jit(fn), platforms=["cuda"],
-      disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(TRITON_CALL)],
-  )(*structs).mlir_module()
-
-
 @pytest.mark.parametrize("kind, token_dtype, matmul_dtype, d, K, remat_group", [
     ("linear", jnp.float32, None, 64, 64, None),
     ("linear", jnp.bfloat16, jnp.bfloat16, 64, 16, None),
@@ -157,12 +150,13 @@ def test_exports_for_cuda(kind, token_dtype, matmul_dtype, d, K, remat_group):
   fn = functools.partial(KERNELS[kind], matmul_dtype=matmul_dtype, remat_group=remat_group)
   name = f"ttt_{kind}_gpu"
 
-  text = export_cuda(fn, structs)
+  text = export_text(fn, "cuda", *structs)
   assert text.count(TRITON_CALL) == 1
   assert f"{name}_fwd\\00" in text  # the kernel's name inside its serialised Triton IR
   assert f"grid_x = {B * H} : i32" in text  # one program per (batch, head) stream
 
-  text = export_cuda(jax.grad(loss_of(fn), argnums=tuple(range(len(structs)))), structs)
+  grad = jax.grad(loss_of(fn), argnums=tuple(range(len(structs))))
+  text = export_text(grad, "cuda", *structs)
   assert text.count(TRITON_CALL) == 2  # forward with checkpoints + backward
   assert f"{name}_fwd_res\\00" in text and f"{name}_bwd\\00" in text
   n_ckpt = -(-NC // (remat_group or 1))
@@ -233,10 +227,10 @@ def test_triton_ir_matmuls_and_loops(kind, matmul_dtype, K, n_dots, n_loops, n_b
   structs = grad_structs(kind, 1, 2, 2, K, 64, jnp.float32)
   fn = functools.partial(KERNELS[kind], matmul_dtype=matmul_dtype)
   want = ("bf16", "bf16", "f32") if matmul_dtype else ("f32/ieee", "f32", "f32")
-  fwd = triton_kernels(export_cuda(fn, structs))[f"ttt_{kind}_gpu_fwd"]
+  fwd = triton_kernels(export_text(fn, "cuda", *structs))[f"ttt_{kind}_gpu_fwd"]
   assert dots(fwd) == [want] * n_dots
   assert fwd.count("scf.for") == n_loops
-  grad = triton_kernels(export_cuda(jax.grad(loss_of(fn), argnums=tuple(range(len(structs)))),
-                                    structs))
+  grad = triton_kernels(export_text(jax.grad(loss_of(fn), argnums=tuple(range(len(structs)))),
+                                    "cuda", *structs))
   assert set(grad) == {f"ttt_{kind}_gpu_fwd_res", f"ttt_{kind}_gpu_bwd"}
   assert dots(grad[f"ttt_{kind}_gpu_bwd"]) == [want] * n_bwd_dots

@@ -45,9 +45,10 @@ from jax._src.lib.mlir import ir
 from jax.experimental.mosaic.dialects import tpu as tpu_dialect
 from jax.experimental.pallas import tpu as pltpu
 
-from tests.pallas_kernels.kernel_testing import (WEIGHT_NAMES, assert_close, check_against_op, check_bf16_against_op,
-                            check_bf16_tokens, grad_structs, loss_of, make_inputs, np_inputs,
-                            weight_shapes)
+from tests.pallas_kernels.kernel_testing import (assert_close, check_against_op,
+                                                 check_bf16_against_op, check_bf16_tokens,
+                                                 export_text, grad_structs, loss_of,
+                                                 make_inputs, np_inputs, weight_shapes)
 from pallas_kernels.tpu import ttt as kernel_mod
 from pallas_kernels.tpu import ttt_linear_pallas, ttt_mlp_pallas
 from ttt_jax.ops import ttt_linear
@@ -123,7 +124,7 @@ def test_large_chunk_raises_the_vmem_limit():
   ask Mosaic for 48 MiB (TTT-MLP, K = 2048 here); small ones keep the default."""
   def scoped_vmem(K):
     structs = grad_structs("mlp", 1, 2, 2, K, 64, jnp.bfloat16)
-    text = jax.export.export(jax.jit(ttt_mlp_pallas), platforms=["tpu"])(*structs).mlir_module()
+    text = export_text(ttt_mlp_pallas, "tpu", *structs)
     return re.findall(r'\\22scoped_memory_configs\\22: \[\{\\22memory_space\\22:1, '
                       r'\\22offset\\22: 0, \\22size\\22: (\d+)\}', text)
 
@@ -198,12 +199,12 @@ def test_exports_for_tpu(kind, token_dtype, matmul_dtype, d, remat_group, K):
   fn = functools.partial(KERNELS[kind], matmul_dtype=matmul_dtype, remat_group=remat_group)
   name = f"ttt_{kind}"
 
-  text = jax.export.export(jax.jit(fn), platforms=["tpu"])(*structs).mlir_module()
+  text = export_text(fn, "tpu", *structs)
   assert text.count("tpu_custom_call") == 1
   assert f'kernel_name = "{name}_fwd"' in text
 
   grad = jax.grad(loss_of(fn), argnums=tuple(range(len(structs))))
-  text = jax.export.export(jax.jit(grad), platforms=["tpu"])(*structs).mlir_module()
+  text = export_text(grad, "tpu", *structs)
   assert text.count("tpu_custom_call") == 2  # forward with checkpoints + backward
   assert f'kernel_name = "{name}_fwd_res"' in text
   assert f'kernel_name = "{name}_bwd"' in text
@@ -243,10 +244,10 @@ def test_mosaic_matmuls(kind, matmul_dtype, n_fwd):
   structs = grad_structs(kind, 1, 2, 2, 64, 64, jnp.float32)
   fn = functools.partial(KERNELS[kind], matmul_dtype=matmul_dtype)
   want = "bf16 x bf16 -> f32" if matmul_dtype else "f32 x f32 -> f32/fp32"
-  [fwd] = mosaic_matmuls(jax.export.export(jax.jit(fn), platforms=["tpu"])(*structs).mlir_module())
+  [fwd] = mosaic_matmuls(export_text(fn, "tpu", *structs))
   assert fwd == [want] * n_fwd
   grad = jax.grad(loss_of(fn), argnums=tuple(range(len(structs))))
   fwd_res, bwd = mosaic_matmuls(
-      jax.export.export(jax.jit(grad), platforms=["tpu"])(*structs).mlir_module())
+      export_text(grad, "tpu", *structs))
   assert fwd_res == [want] * n_fwd
   assert bwd == [want] * 3 * n_fwd
