@@ -1,6 +1,6 @@
 """What the TPU and GPU TTT kernels share: inner models, matmul, custom_vjp.
 
-Both backends run the op's own per-mini-batch math from `ttt_jax.ops.ttt`
+Both backends run the op's own per-mini-batch math from `ttt_jax.ttt_step`
 (one definition of each inner model, traced inside the kernels on plain 2-D
 tiles, through `pallas_kernels.minibatch`), save the fast weights every G-th
 mini-batch starts from in the forward, and walk the mini-batches backwards
@@ -18,8 +18,7 @@ from typing import Any, Callable, Sequence
 import jax
 import jax.numpy as jnp
 
-from ttt_jax.ops.ttt import (_linear_readout, _linear_update, _matmul, _mlp_readout,
-                             _mlp_update)
+from ttt_jax.ttt_step import linear_readout, linear_update, matmul, mlp_readout, mlp_update
 
 Array = jax.Array
 DType = Any
@@ -47,17 +46,17 @@ class InnerModel:
   readout: Callable[..., Any]
 
 
-LINEAR = InnerModel("ttt_linear", _linear_update, _linear_readout)
-MLP = InnerModel("ttt_mlp", _mlp_update, _mlp_readout)
+LINEAR = InnerModel("ttt_linear", linear_update, linear_readout)
+MLP = InnerModel("ttt_mlp", mlp_update, mlp_readout)
 
 
 def kernel_matmul(matmul_dtype: DType) -> Callable[..., Array]:
-  """The op's `_matmul` with a hand-written VJP made of same-dtype 2-D matmuls.
+  """The op's `matmul` with a hand-written VJP made of same-dtype 2-D matmuls.
 
-  Forward: exactly `ttt_jax.ops.ttt._matmul(matmul_dtype, fp32)` (operands
+  Forward: exactly `ttt_jax.ttt_step.matmul(matmul_dtype, fp32)` (operands
   cast to matmul_dtype, fp32 accumulation, HIGHEST precision for fp32).
   Backward: dA = einsum("Z,Y->X", g, B), dB = einsum("X,Z->Y", A, g) through
-  the same `_matmul`, so
+  the same `matmul`, so
     * for bf16 the fp32 cotangent is rounded to bf16 too and both cotangent
       matmuls are native bf16 x bf16 -> fp32 ops (autodiff of the op would
       pair an fp32 cotangent with a bf16 operand: a mixed-dtype matmul that
@@ -68,7 +67,7 @@ def kernel_matmul(matmul_dtype: DType) -> Callable[..., Array]:
   exactly two of the three terms. Use it under `jax.vjp` only: Pallas TPU
   lowers the custom_vjp wrapper itself, Pallas Triton does not.
   """
-  base = _matmul(matmul_dtype, F32)
+  base = matmul(matmul_dtype, F32)
 
   def ordered(lhs_spec, rhs_spec, out_spec, lhs, rhs):
     # Put the operand whose free index leads the output first, so the

@@ -24,7 +24,7 @@ from flax import nnx
 
 from ttt_jax import checkpoint
 from ttt_jax.data import pipeline
-from ttt_jax.data.layout import SECONDS_PER_SEGMENT
+from ttt_jax.layout import SECONDS_PER_SEGMENT
 from ttt_jax.diffusion import NoiseSchedule, ddim_sample, dpmpp_2m_sample
 from ttt_jax.models import dit
 from ttt_jax.models.text import make_text_encoder

@@ -27,7 +27,7 @@ from ml_collections import config_flags
 
 from ttt_jax import checkpoint, metrics, optim
 from ttt_jax.data import pipeline
-from ttt_jax.data.layout import VideoLayout
+from ttt_jax.layout import VideoLayout
 from ttt_jax.diffusion import NoiseSchedule, drop_text, sample_timesteps, v_prediction_loss
 from ttt_jax.models import dit
 from ttt_jax.models.text import make_text_encoder

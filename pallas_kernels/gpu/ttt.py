@@ -74,8 +74,8 @@ from pallas_kernels import minibatch
 from pallas_kernels.common import (F32, LINEAR, MLP, InnerModel, check_dtypes, kernel_matmul,
                                    make_custom_vjp, remat_group_size, run_core,
                                    split_refs)
-from ttt_jax.ops.ttt import (LN_EPS, _check, _check_tokens, _matmul, check_linear_weights,
-                             check_mlp_weights)
+from ttt_jax.ttt_step import (LN_EPS, check_array, check_linear_weights, check_mlp_weights,
+                              check_tokens, matmul)
 
 Array = jax.Array
 DType = Any
@@ -264,7 +264,7 @@ def _ttt_pallas_gpu(model: InnerModel, q, k, v, eta, ln_weight, ln_bias, weights
                     K, d, *, matmul_dtype, return_final_weights, remat_group, eps, block_k,
                     num_warps, interpret):
   """Shared wrapper: checks, kernel layout, custom_vjp core, output layout."""
-  _check("q", q, q.shape, "[B, H, NC, K, d]")  # dtype check
+  check_array("q", q, q.shape, "[B, H, NC, K, d]")  # dtype check
   group = remat_group_size(remat_group, NC)
   matmul_dtype = F32 if matmul_dtype is None else jnp.dtype(matmul_dtype)
   Kt = _check_kernel_constraints(model, q, matmul_dtype, K, d, [w.shape[1:] for w in weights],
@@ -272,7 +272,7 @@ def _ttt_pallas_gpu(model: InnerModel, q, k, v, eta, ln_weight, ln_bias, weights
   if num_warps is None:
     num_warps = 4 if model is LINEAR else 8
   rows = NC * (K // Kt)
-  step = minibatch.Step.make(model, mm=_matmul(matmul_dtype, F32),
+  step = minibatch.Step.make(model, mm=matmul(matmul_dtype, F32),
                              mm_vjp=kernel_matmul(matmul_dtype), eps=eps)
   calls = dict(step=step, name=model.name, H=H, NC=NC, group=group, num_warps=num_warps,
                interpret=interpret)
@@ -322,7 +322,7 @@ def ttt_linear_pallas_gpu(
     ValueError: for shapes, dtypes or remat_group values the kernels do not
       support (naming the constraint) and for mismatched shapes (as the op).
   """
-  B, H, NC, K, d = _check_tokens(q, k, v, eta, ln_weight, ln_bias)
+  B, H, NC, K, d = check_tokens(q, k, v, eta, ln_weight, ln_bias)
   check_linear_weights(H, d, W, b)
   return _ttt_pallas_gpu(LINEAR, q, k, v, eta, ln_weight, ln_bias, (W, b), B, H, NC, K, d,
                          matmul_dtype=matmul_dtype, return_final_weights=return_final_weights,
@@ -354,7 +354,7 @@ def ttt_mlp_pallas_gpu(
     z [B, H, NC, K, d] in q's dtype, and if asked the final (W1, b1, W2, b2)
     in fp32 with a leading batch axis.
   """
-  B, H, NC, K, d = _check_tokens(q, k, v, eta, ln_weight, ln_bias)
+  B, H, NC, K, d = check_tokens(q, k, v, eta, ln_weight, ln_bias)
   check_mlp_weights(H, d, W1, b1, W2, b2)
   return _ttt_pallas_gpu(MLP, q, k, v, eta, ln_weight, ln_bias, (W1, b1, W2, b2), B, H, NC,
                          K, d, matmul_dtype=matmul_dtype,

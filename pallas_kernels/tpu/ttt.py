@@ -84,7 +84,7 @@ Per stream and mini-batch, in fp32 bytes, with K = 64, d = 64, F = 4d = 256:
     blocks in the backward; `_check_kernel_constraints` rejects a G whose
     VMEM estimate exceeds the budget. G = 1 remains the default for both
     models, matching the op, whose remat_group=None keeps every step's
-    residuals; pass remat_group (the dispatcher `ttt_jax.ops.ttt` forwards
+    residuals; pass remat_group (the dispatcher `ttt_jax.ops.inner_loop` forwards
     the layer's) when the checkpoints are the memory bottleneck.
 
 Backward kernel. grid = (BH, ceil(NC / G)), walking the groups of G
@@ -160,8 +160,8 @@ from pallas_kernels import minibatch
 from pallas_kernels.common import (F32, LINEAR, MLP, InnerModel, check_dtypes, kernel_matmul,
                                    make_custom_vjp, remat_group_size, run_core,
                                    split_refs, to_kernel_dtype)
-from ttt_jax.ops.ttt import (LN_EPS, _check, _check_tokens, _matmul, check_linear_weights,
-                             check_mlp_weights)
+from ttt_jax.ttt_step import (LN_EPS, check_array, check_linear_weights, check_mlp_weights,
+                              check_tokens, matmul)
 
 Array = jax.Array
 DType = Any
@@ -535,14 +535,14 @@ def _check_kernel_constraints(model: InnerModel, q, matmul_dtype, K: int, d: int
 def _ttt_pallas(model: InnerModel, q, k, v, eta, ln_weight, ln_bias, weights, B, H, NC, K,
                 d, *, matmul_dtype, return_final_weights, remat_group, eps, interpret):
   """Shared wrapper: checks, kernel layout, custom_vjp core, output layout."""
-  _check("q", q, q.shape, "[B, H, NC, K, d]")  # dtype check
+  check_array("q", q, q.shape, "[B, H, NC, K, d]")  # dtype check
   group = remat_group_size(remat_group, NC)
   matmul_dtype = F32 if matmul_dtype is None else jnp.dtype(matmul_dtype)
   vmem_limit = _check_kernel_constraints(model, q, matmul_dtype, K, d,
                                          [w.shape[1:] for w in weights], group)
   if interpret is True:
     interpret = pltpu.InterpretParams()
-  step = minibatch.Step.make(model, mm=_matmul(matmul_dtype, F32),
+  step = minibatch.Step.make(model, mm=matmul(matmul_dtype, F32),
                              mm_vjp=kernel_matmul(matmul_dtype), eps=eps, eta_column=_eta_column)
   calls = dict(H=H, step=step, group=group, Kt=tile_size(K), name=model.name,
                vmem_limit=vmem_limit, interpret=interpret)
@@ -592,7 +592,7 @@ def ttt_linear_pallas(
       support (see `_check_kernel_constraints`) and for mismatched shapes
       (as the op).
   """
-  B, H, NC, K, d = _check_tokens(q, k, v, eta, ln_weight, ln_bias)
+  B, H, NC, K, d = check_tokens(q, k, v, eta, ln_weight, ln_bias)
   check_linear_weights(H, d, W, b)
   return _ttt_pallas(LINEAR, q, k, v, eta, ln_weight, ln_bias, (W, b), B, H, NC, K, d,
                      matmul_dtype=matmul_dtype, return_final_weights=return_final_weights,
@@ -622,7 +622,7 @@ def ttt_mlp_pallas(
     z [B, H, NC, K, d] in q's dtype, and if asked the final (W1, b1, W2, b2)
     in fp32 with a leading batch axis.
   """
-  B, H, NC, K, d = _check_tokens(q, k, v, eta, ln_weight, ln_bias)
+  B, H, NC, K, d = check_tokens(q, k, v, eta, ln_weight, ln_bias)
   check_mlp_weights(H, d, W1, b1, W2, b2)
   return _ttt_pallas(MLP, q, k, v, eta, ln_weight, ln_bias, (W1, b1, W2, b2), B, H, NC, K,
                      d, matmul_dtype=matmul_dtype, return_final_weights=return_final_weights,

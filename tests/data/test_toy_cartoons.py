@@ -7,7 +7,7 @@ import grain.python as grain
 import numpy as np
 import pytest
 
-from ttt_jax.data.layout import VideoLayout
+from ttt_jax.layout import VideoLayout
 from ttt_jax.data.toy_cartoons import (ACTION_KINDS, PALETTE, ToyCartoonConfig,
                                        ToyCartoonSource, frames_to_float, generate_video,
                                        render_background, segment_frame_ranges,

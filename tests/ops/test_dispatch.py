@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from ttt_jax.data.layout import VideoLayout
+from ttt_jax.layout import VideoLayout
 from ttt_jax.layers.ttt import TTT
 from ttt_jax.ops import inner_loop, ttt_linear, ttt_mlp
 from tests.pallas_kernels.kernel_testing import TRITON_CALL, export_text

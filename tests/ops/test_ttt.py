@@ -18,8 +18,8 @@ from jax.test_util import check_grads
 
 from tests.ops.naive_ttt import g_linear, g_mlp, naive_ttt
 from ttt_jax.ops import ttt_linear, ttt_mlp
-from ttt_jax.ops.ttt import (gelu_tanh, gelu_tanh_grad, layer_norm_fwd,
-                             layer_norm_vjp, scan_remat)
+from ttt_jax.ops.ttt import scan_remat
+from ttt_jax.ttt_step import gelu_tanh, gelu_tanh_grad, layer_norm_fwd, layer_norm_vjp
 
 
 def make_inputs(key, B=2, H=2, NC=3, K=4, d=8, hidden=None, kind="linear",

@@ -20,7 +20,7 @@ import numpy as np
 import tqdm
 
 from ttt_jax.data import toy_cartoons
-from ttt_jax.data.layout import VideoLayout
+from ttt_jax.layout import VideoLayout
 from ttt_jax.models.text import TextEncoder
 from ttt_jax.models.vae import LatentCodec
 

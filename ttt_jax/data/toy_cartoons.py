@@ -26,7 +26,7 @@ from typing import Any
 import grain.python as grain
 import numpy as np
 
-from ttt_jax.data.layout import SECONDS_PER_SEGMENT
+from ttt_jax.layout import SECONDS_PER_SEGMENT
 
 FPS = 16
 SEGMENT_FRAMES = FPS * SECONDS_PER_SEGMENT  # 48 RGB frames per 3 s segment

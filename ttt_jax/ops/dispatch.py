@@ -33,9 +33,8 @@ interpret is a kernel-only switch (run the Pallas kernels in interpret
 mode, e.g. on CPU in tests); impl="xla" has nothing to interpret and
 ignores it, so a model can carry the flag whatever its impl.
 
-`pallas_kernels` imports `ttt_jax.ops.ttt`, hence the kernels are imported
-inside `inner_loop` on first use, not at module import (which would be a
-cycle through `ttt_jax.ops`).
+The op and the kernels share the per-mini-batch math of `ttt_jax.ttt_step`
+and import nothing of each other, so this module imports both directly.
 """
 
 from __future__ import annotations
@@ -44,6 +43,8 @@ from typing import Any
 
 import jax
 
+from pallas_kernels.gpu.ttt import ttt_linear_pallas_gpu, ttt_mlp_pallas_gpu
+from pallas_kernels.tpu.ttt import ttt_linear_pallas, ttt_mlp_pallas
 from ttt_jax.ops.ttt import ttt_linear, ttt_mlp
 
 Array = jax.Array
@@ -119,12 +120,9 @@ def inner_loop(
   if impl == "xla":
     fn = ttt_linear if kind == "linear" else ttt_mlp
   elif impl == "pallas_tpu":
-    # Lazy: the kernels import ttt_jax.ops.ttt (see module docstring).
-    from pallas_kernels.tpu.ttt import ttt_linear_pallas, ttt_mlp_pallas
     fn = ttt_linear_pallas if kind == "linear" else ttt_mlp_pallas
     kw["interpret"] = interpret
   else:
-    from pallas_kernels.gpu.ttt import ttt_linear_pallas_gpu, ttt_mlp_pallas_gpu
     fn = ttt_linear_pallas_gpu if kind == "linear" else ttt_mlp_pallas_gpu
     kw["interpret"] = bool(interpret)
   return fn(q, k, v, eta, ln_weight, ln_bias, *weights, **kw)

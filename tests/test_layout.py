@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from ttt_jax.data.layout import VideoLayout
+from ttt_jax.layout import VideoLayout
 
 
 @pytest.mark.parametrize("seconds,frames", [(3, 13), (9, 37), (18, 73), (30, 121), (63, 253)])
