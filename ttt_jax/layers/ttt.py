@@ -5,7 +5,7 @@ video into per-head TTT problems and solves them with the inner loop of
 `ttt_jax.ops`:
 
   1. arrange tokens in TTT order (captions interleaved with their segments'
-     frames; see `ttt_jax.data.layout`), padded to a multiple of the
+     frames; see `ttt_jax.layout`), padded to a multiple of the
      mini-batch size K;
   2. q, k, v = linear projections (with bias), split into heads; q and k are
      L2-normalised per head and rotated by 3D RoPE at their GLOBAL (t, h, w)
@@ -13,8 +13,11 @@ video into per-head TTT problems and solves them with the inner loop of
   3. per-token inner learning rate, computed from the ARRANGED inputs so it
      stays with its token: eta_j = base_lr * sigmoid(w_h . x_j + b_h) / (d K);
      padding tokens get eta = 0 and so never touch the fast weights;
-  4. inner loop (target v - k, per-head LayerNorm, TTT-Linear or TTT-MLP);
-  5. post-norm over the model width, output projection, canonical order.
+  4. the reconstruction target LN_h(v - k), normalised as the public release
+     does it (see `reconstruction_target`);
+  5. inner loop (TTT-Linear or TTT-MLP fitting that target through the same
+     per-head LayerNorm);
+  6. post-norm over the model width, output projection, canonical order.
 
 `BidirectionalTTT` runs it forwards and on the reversed sequence with shared
 parameters and tanh-gated residuals, separate gates for text and video
@@ -34,7 +37,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from ttt_jax.data.layout import VideoLayout
+from ttt_jax.layout import VideoLayout
 from ttt_jax.layers.rope import apply_rope, rope_angles
 from ttt_jax.ops import inner_loop
 from ttt_jax.ops.dispatch import check_kind_impl
@@ -44,6 +47,29 @@ Array = jax.Array
 DEFAULT_BASE_LR = {"linear": 1.0, "mlp": 0.1}
 GATE_INIT = 0.1  # tanh(alpha) at initialisation
 POST_NORM_EPS = 1e-6
+TARGET_EPS = 1e-8  # added to the target's standard deviation, as in the release
+
+
+def reconstruction_target(v: Array, k: Array, ln_weight: Array, ln_bias: Array,
+                          eps: float = TARGET_EPS) -> Array:
+  """v, k [..., H, d], ln [H, d] -> v' [..., H, d] whose v' - k is LN_h(v - k).
+
+  The inner model's output passes through the per-head LayerNorm LN_h before
+  it is compared with the target, so it can only reach zero-mean, unit-scale
+  vectors (times the LN affine). The public release therefore normalises the
+  target v - k per token over the head dim with the SAME LN_h parameters, and
+  the inner loss then measures a direction the model can actually fit,
+  whatever the scale of v - k; without it the layer computes something else
+  (about 40 % apart on one scene) and cannot take the release's weights. Its
+  exact formula: torch's default unbiased (n - 1) std, with eps added to the
+  std rather than to the variance. The op subtracts k again, so it is handed
+  v' = LN_h(v - k) + k. Computed in fp32.
+  """
+  t = (v - k).astype(jnp.float32)
+  t = t - jnp.mean(t, axis=-1, keepdims=True)
+  std = jnp.sqrt(jnp.sum(jnp.square(t), axis=-1, keepdims=True) / (t.shape[-1] - 1))
+  t = ln_weight.astype(jnp.float32) * (t / (std + eps)) + ln_bias.astype(jnp.float32)
+  return (t + k.astype(jnp.float32)).astype(v.dtype)
 
 
 def l2_normalize(x: Array, eps: float = 1e-6) -> Array:
@@ -120,7 +146,10 @@ class TTT(nnx.Module):
 
   def inner_inputs(self, x: Array, layout: VideoLayout, *, reverse: bool = False
                    ) -> tuple[Array, Array, Array, Array]:
-    """x [B, L, D] canonical -> q, k, v [B, H, NC, K, d] and eta [B, H, NC, K] in TTT order."""
+    """x [B, L, D] canonical -> q, k, v' [B, H, NC, K, d] and eta [B, H, NC, K] in TTT order.
+
+    v' is `reconstruction_target(v, k)`: the op's v' - k is the normalised target.
+    """
     B, L, D = x.shape
     H, d, K = self.num_heads, self.head_dim, self.mini_batch_size
     order = layout.ttt_order(reverse)
@@ -130,7 +159,7 @@ class TTT(nnx.Module):
     angles = rope_angles(jnp.asarray(layout.positions[order]), d, self.rope_theta)  # [L, d/2]
     q = apply_rope(l2_normalize(heads(self.q_proj)), angles)
     k = apply_rope(l2_normalize(heads(self.k_proj)), angles)
-    v = heads(self.v_proj)
+    v = reconstruction_target(heads(self.v_proj), k, self.ln_weight[...], self.ln_bias[...])
     gate = jnp.einsum("bld,hd->bhl", x, self.lr_weight[...].astype(x.dtype)) \
         + self.lr_bias[...][:, None]
     eta = self.base_lr * jax.nn.sigmoid(gate.astype(jnp.float32)) / (d * K)  # [B, H, L]
