@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from ttt_jax.data.layout import VideoLayout
+from ttt_jax.layout import VideoLayout
 from ttt_jax.models.dit import VideoDiT
 
 # Three 1-frame segments on a 2x3 token grid (latents 4x6), 4-token captions.
@@ -51,8 +51,10 @@ def test_patchify_roundtrip():
   tokens = model.patchify(latents)
   assert tokens.shape == (2, LAYOUT.num_video, 64)
   np.testing.assert_array_equal(model.unpatchify(tokens, *latents.shape[1:4]), latents)
-  # token order is (frame, row, column): token 1 is the patch at row 0, column 1.
-  np.testing.assert_array_equal(tokens[0, 1].reshape(2, 2, 16), latents[0, 0, 0:2, 2:4])
+  # token order is (frame, row, column): token 1 is the patch at row 0, column 1; its
+  # features are (channel, row, column) like a Conv2d weight [D, C, p, p].
+  np.testing.assert_array_equal(tokens[0, 1].reshape(16, 2, 2),
+                                latents[0, 0, 0:2, 2:4].transpose(2, 0, 1))
 
 
 def test_layer_scan_equals_python_loop_and_remat():

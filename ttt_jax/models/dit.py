@@ -1,6 +1,6 @@
 """CogVideoX-style video diffusion transformer with bidirectional TTT layers.
 
-    latents [B, T, h, w, 16] --2x2 patchify--> video tokens     \\
+    latents [B, T, h, w, 16] --2x2 patchify--> video tokens     \\   (patch = Conv2d layout)
     captions [B, Lt, text_dim] --linear-----> text tokens       -> [B, L, D]
     timestep --sinusoid -> MLP--> emb [B, E]
     for every block (stacked params, `nnx.scan` over depth, remat policy):
@@ -11,8 +11,11 @@
       h, g = adaLN(x, emb);  x = x + g * MLP(h)     (GELU-tanh, 4x)
     final LayerNorm + adaLN + linear -> unpatchify -> v prediction [B, T, h, w, 16]
 
-Hyper-parameters come from `VARIANTS` (paper scale: CogVideoX-5B) overridden
-by config; see `VideoDiT.from_config`.
+With `use_ttt=False` and one segment this is diffusers'
+`CogVideoXTransformer3DModel` (CogVideoX 1.0, RoPE) parameter for parameter
+and, to fp32 round-off, output for output; `ttt_jax.convert` loads its
+weights. Hyper-parameters come from `VARIANTS` (paper scale: CogVideoX-5B)
+overridden by config; see `VideoDiT.from_config`.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from ttt_jax.data.layout import VideoLayout
+from ttt_jax.layout import VideoLayout
 from ttt_jax.layers.attention import LocalSelfAttention
 from ttt_jax.layers.ttt import BidirectionalTTT
 
@@ -33,7 +36,9 @@ Array = jax.Array
 
 VARIANTS: dict[str, dict[str, Any]] = {
     # CogVideoX-5B: hidden 3072, 42 layers, 48 heads of 64, T5-XXL text, 512-d time embedding.
-    "cogvideox-5b": dict(width=3072, depth=42, num_heads=48, text_dim=4096, time_embed_dim=512),
+    # sample_size: its pre-training latent size (480x720 pixels / 8), which sets RoPE positions.
+    "cogvideox-5b": dict(width=3072, depth=42, num_heads=48, text_dim=4096, time_embed_dim=512,
+                         sample_size=(60, 90)),
     # A few-minute CPU model with the same structure (head dim 16: the smallest for 3D RoPE).
     "tiny": dict(width=64, depth=2, num_heads=4, text_dim=32, time_embed_dim=64),
 }
@@ -46,7 +51,11 @@ REMAT_POLICIES = {
 
 
 def timestep_sinusoid(t: Array, dim: int, max_period: float = 10000.0) -> Array:
-  """t [B] -> [B, dim]: [cos, sin] of t at geometric frequencies."""
+  """t [B] -> [B, dim]: [cos, sin] of t at frequencies max_period^(-i / (dim/2)).
+
+  diffusers' `Timesteps(dim, flip_sin_to_cos=True, downscale_freq_shift=0)`,
+  CogVideoX's time projection.
+  """
   half = dim // 2
   freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
   args = t.astype(jnp.float32)[:, None] * freqs[None]
@@ -78,11 +87,12 @@ class DiTBlock(nnx.Module):
   """adaLN -> local attention -> bidirectional TTT -> gated residual -> adaLN -> MLP."""
 
   def __init__(self, width: int, num_heads: int, time_dim: int, *, mlp_ratio: int,
-               use_ttt: bool, ttt: Mapping[str, Any], norm_eps: float, dtype: Any,
-               param_dtype: Any, rngs: nnx.Rngs):
+               use_ttt: bool, ttt: Mapping[str, Any], norm_eps: float,
+               rope_base_grid: tuple[int, int] | None, dtype: Any, param_dtype: Any,
+               rngs: nnx.Rngs):
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.norm1 = AdaLNZero(time_dim, width, eps=norm_eps, **kw)
-    self.attn = LocalSelfAttention(width, num_heads, **kw)
+    self.attn = LocalSelfAttention(width, num_heads, rope_base_grid=rope_base_grid, **kw)
     self.ttt = BidirectionalTTT(width, num_heads, **kw, **ttt) if use_ttt else None
     self.norm2 = AdaLNZero(time_dim, width, eps=norm_eps, **kw)
     self.ff_in = nnx.Linear(width, mlp_ratio * width, **kw)
@@ -106,22 +116,35 @@ class VideoDiT(nnx.Module):
                time_embed_dim: int = 512, latent_channels: int = 16, patch_size: int = 2,
                mlp_ratio: int = 4, use_ttt: bool = True, ttt: Mapping[str, Any] | None = None,
                scan_layers: bool = True, remat_policy: str = "none", norm_eps: float = 1e-5,
-               dtype: Any = jnp.float32, param_dtype: Any = jnp.float32, rngs: nnx.Rngs):
+               sample_size: tuple[int, int] | None = None, dtype: Any = jnp.float32,
+               param_dtype: Any = jnp.float32, rngs: nnx.Rngs):
+    """sample_size: the (h, w) latent size the weights were pre-trained at
+    (CogVideoX's sample_height/width); it fixes the attention's RoPE grid at
+    every resolution. None: each input's own grid (integer positions)."""
     if remat_policy not in REMAT_POLICIES:
       raise ValueError(f"remat_policy must be one of {sorted(REMAT_POLICIES)}, got {remat_policy!r}")
+    if sample_size is not None and any(n % patch_size for n in sample_size):
+      raise ValueError(f"sample_size {tuple(sample_size)} is not divisible by patch_size {patch_size}")
+    # What pretrained weights must agree with (see ttt_jax.convert).
+    self.arch = dict(width=width, depth=depth, num_heads=num_heads, text_dim=text_dim,
+                     time_embed_dim=time_embed_dim, latent_channels=latent_channels,
+                     patch_size=patch_size, mlp_ratio=mlp_ratio, norm_eps=norm_eps,
+                     sample_size=None if sample_size is None else tuple(sample_size))
     self.width, self.depth, self.patch_size = width, depth, patch_size
     self.latent_channels, self.text_dim = latent_channels, text_dim
     self.scan_layers, self.remat_policy = scan_layers, remat_policy
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     patch_dim = patch_size * patch_size * latent_channels
 
-    self.patch_embed = nnx.Linear(patch_dim, width, **kw)  # = Conv2d(k=stride=patch)
+    self.patch_embed = nnx.Linear(patch_dim, width, **kw)  # = Conv2d(k=stride=patch), (C, p, p)
     self.text_proj = nnx.Linear(text_dim, width, **kw)
     self.time_in = nnx.Linear(width, time_embed_dim, **kw)
     self.time_out = nnx.Linear(time_embed_dim, time_embed_dim, **kw)
 
+    rope_base_grid = None if sample_size is None else tuple(n // patch_size for n in sample_size)
     block_kw = dict(mlp_ratio=mlp_ratio, use_ttt=use_ttt, ttt=dict(ttt or {}),
-                    norm_eps=norm_eps, dtype=dtype, param_dtype=param_dtype)
+                    norm_eps=norm_eps, rope_base_grid=rope_base_grid, dtype=dtype,
+                    param_dtype=param_dtype)
 
     @nnx.split_rngs(splits=depth)
     @nnx.vmap(in_axes=(0,), out_axes=0)
@@ -132,7 +155,7 @@ class VideoDiT(nnx.Module):
 
     self.norm_final = nnx.LayerNorm(width, epsilon=norm_eps, **kw)
     self.out_mod = nnx.Linear(time_embed_dim, 2 * width, kernel_init=nnx.initializers.zeros, **kw)
-    self.norm_out = nnx.LayerNorm(width, epsilon=norm_eps, use_scale=False, use_bias=False, **kw)
+    self.norm_out = nnx.LayerNorm(width, epsilon=norm_eps, **kw)
     self.proj_out = nnx.Linear(width, patch_dim, kernel_init=nnx.initializers.zeros, **kw)
 
   @classmethod
@@ -159,16 +182,20 @@ class VideoDiT(nnx.Module):
     chex.assert_shape([text, t], [(B, None, None), (B,)])
 
   def patchify(self, latents: Array) -> Array:
-    """[B, T, h, w, C] -> [B, T*(h/p)*(w/p), p*p*C] (frame, row, column order)."""
+    """[B, T, h, w, C] -> [B, T*(h/p)*(w/p), C*p*p]: tokens frame, row, column; features (C, p, p).
+
+    The feature order is a Conv2d weight's [D, C, p, p] flattened, so
+    CogVideoX's patch embedding converts to `patch_embed` by a reshape.
+    """
     B, T, h, w, C = latents.shape
     p = self.patch_size
-    x = latents.reshape(B, T, h // p, p, w // p, p, C).transpose(0, 1, 2, 4, 3, 5, 6)
-    return x.reshape(B, T * (h // p) * (w // p), p * p * C)
+    x = latents.reshape(B, T, h // p, p, w // p, p, C).transpose(0, 1, 2, 4, 6, 3, 5)
+    return x.reshape(B, T * (h // p) * (w // p), C * p * p)
 
   def unpatchify(self, x: Array, T: int, h: int, w: int) -> Array:
-    """Inverse of `patchify`."""
+    """Inverse of `patchify` ((C, p, p) features, as CogVideoX's proj_out writes them)."""
     B, p, C = x.shape[0], self.patch_size, self.latent_channels
-    x = x.reshape(B, T, h // p, w // p, p, p, C).transpose(0, 1, 2, 4, 3, 5, 6)
+    x = x.reshape(B, T, h // p, w // p, C, p, p).transpose(0, 1, 2, 5, 3, 6, 4)
     return x.reshape(B, T, h, w, C)
 
   # ------------------------------------------------------------ forward ----
