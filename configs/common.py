@@ -7,7 +7,8 @@ Presets (the text after `:` in `--config=configs/tom_jerry_9s.py:tiny`):
   tiny   the same pipeline shrunk to run every stage in minutes on a 2-core
          CPU: a 2-block, 64-wide DiT trained from scratch on toy cartoons.
 
-Stage recipe (paper Sec. 4): the 3 s stage fine-tunes everything (new TTT
+Stage recipe (paper Sec. 4): the 3 s stage fine-tunes everything, starting
+from pretrained CogVideoX weights in the paper preset (`model.pretrained`; new TTT
 parameters at a 10x learning rate); later stages start from the previous
 stage's weights and train only attention q/k/v/o, the TTT layers and their
 gates. A learning rate of 0 freezes a parameter group.
@@ -54,6 +55,14 @@ def get_config(seconds: int, arg: str | None) -> ml_collections.ConfigDict:
 
   c.model = ml_collections.ConfigDict(dict(
       variant="tiny" if tiny else "cogvideox-5b",
+      # CogVideoX weights the first stage starts from ('' = random init): a checkpoint
+      # written by `python -m ttt_jax.convert cogvideox --src=DIR --dst=OUT`, or the
+      # diffusers folder DIR itself (converted on the fly). The paper recipe fine-tunes
+      # CogVideoX-5B: put the diffusers download (THUDM/CogVideoX-5b, its transformer/
+      # is enough) in weights/CogVideoX-5b and convert it to weights/cogvideox-5b-jax,
+      # or pass --config.model.pretrained=PATH. TTT layers and gates start fresh (gates
+      # tanh 0.1, fast weights N(0, 0.02^2)). Later stages load the previous stage.
+      pretrained="weights/cogvideox-5b-jax" if first_stage and not tiny else "",
       use_ttt=True,
       scan_layers=True,
       remat_policy="none" if tiny else "full",

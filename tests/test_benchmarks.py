@@ -55,3 +55,15 @@ def test_ttt_kernels_benchmark_json_and_guard():
     assert r["interpret"] == (r["impl"] != "xla")
     assert r["NC"] == 2 and r["fwd"]["flops"] > 0
     assert math.isfinite(r["fwd_bwd"]["tokens_per_s"]) and r["fwd_bwd"]["tokens_per_s"] > 0
+
+
+def test_convert_memory_benchmark_json():
+  """A small synthetic sharded checkpoint converts in a subprocess; its peak RSS is reported."""
+  proc = subprocess.run(
+      [sys.executable, "benchmarks/convert_memory.py", "--width=128", "--depth=2", "--text_dim=32",
+       "--shard_mb=1"], cwd=REPO, capture_output=True, text=True, timeout=300, check=False)
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  row = json.loads(proc.stdout.strip().splitlines()[-1])
+  assert row["shards"] > 1 and row["depth"] == 2
+  assert 0 < row["weights_gb"] <= row["output_gb"] * 1.01 and row["peak_rss_gb"] > row["weights_gb"]
+  assert math.isfinite(row["peak_over_weights"]) and row["seconds"] > 0

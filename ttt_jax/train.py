@@ -25,7 +25,7 @@ from absl import app, flags, logging
 from flax import nnx
 from ml_collections import config_flags
 
-from ttt_jax import checkpoint, metrics, optim
+from ttt_jax import checkpoint, convert, metrics, optim
 from ttt_jax.data import pipeline
 from ttt_jax.layout import VideoLayout
 from ttt_jax.diffusion import NoiseSchedule, drop_text, sample_timesteps, v_prediction_loss
@@ -62,6 +62,11 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   lead = jax.process_index() == 0  # one process writes config, metrics and plots
+  if config.model.pretrained and config.init_from:
+    raise ValueError(f"set one of model.pretrained ({config.model.pretrained}) and init_from "
+                     f"({config.init_from}): both initialise the model")
+  if config.model.pretrained:  # before any data work: a wrong path fails in seconds
+    convert.pretrained_architecture(config.model.pretrained)
   if lead:
     (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
 
@@ -75,6 +80,9 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
   # --------------------------------------------------------- model & optimizer
   model = dit.build(config.model, text_dim=config.data.text_dim, rngs=nnx.Rngs(config.seed))
   layout = pipeline.video_layout(config.data, config.seconds, codec, model.patch_size)
+  if config.model.pretrained:
+    convert.load_pretrained(config.model.pretrained, model)
+    logging.warning("initialised CogVideoX weights from %s", config.model.pretrained)
   if config.init_from:
     step = checkpoint.load_params(config.init_from, model)
     logging.warning("initialised from %s (step %d)", config.init_from, step)

@@ -14,19 +14,25 @@ from __future__ import annotations
 
 import json
 import pathlib
+import subprocess
+import sys
 import types
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 import torch
 from diffusers import CogVideoXPipeline, CogVideoXTransformer3DModel
 from diffusers.models.transformers.cogvideox_transformer_3d import CogVideoXBlock
+from diffusers.pipelines.cogvideo.pipeline_cogvideox import get_resize_crop_region_for_grid
 from flax import nnx
+from safetensors.numpy import load_file, save_file
 
 from ttt_jax import convert
 from ttt_jax.layers.attention import LocalSelfAttention
+from ttt_jax.layers.rope import crop_region_grid
 from ttt_jax.layout import VideoLayout
 
 RTOL = 1e-4
@@ -121,8 +127,6 @@ def test_one_segment_matches_diffusers(saved):
 def test_crop_region_grid_matches_the_pipelines(grid, base):
   """Our crop-region positions == diffusers' get_resize_crop_region_for_grid + linspace grid;
   the non-native cases are fractional or offset, so integer positions would be wrong."""
-  from diffusers.pipelines.cogvideo.pipeline_cogvideox import get_resize_crop_region_for_grid
-  from ttt_jax.layers.rope import crop_region_grid
   (top, left), (bottom, right) = get_resize_crop_region_for_grid(grid, base[1], base[0])
   h, w = crop_region_grid(grid, base)
   np.testing.assert_array_equal(h, np.linspace(top, bottom * (grid[0] - 1) / grid[0], grid[0],
@@ -204,7 +208,6 @@ def test_each_window_is_cogvideox_attention_on_its_tokens(base):
 # ------------------------------------------------------------ converter ----
 def test_convert_cli_writes_an_orbax_checkpoint_that_loads(saved, tmp_path):
   name, ref, root = saved
-  import subprocess, sys
   out = tmp_path / "converted"
   proc = subprocess.run([sys.executable, "-m", "ttt_jax.convert", "cogvideox",
                          f"--src={root / 'transformer'}", f"--dst={out}"],
@@ -214,8 +217,7 @@ def test_convert_cli_writes_an_orbax_checkpoint_that_loads(saved, tmp_path):
   meta = json.loads((out / convert.MODEL_JSON).read_text())
   assert meta["architecture"]["depth"] == CONFIGS[name]["num_layers"]
   assert not list(tmp_path.glob(".converted.tmp-*"))  # the temporary folder was renamed
-  # Stored in the scanned layout and the source dtype.
-  import orbax.checkpoint as ocp
+  # Stored in the scanned layout.
   with ocp.StandardCheckpointer() as c:
     tree = c.metadata(out / convert.PARAMS_DIR).item_metadata.tree
   assert tree["blocks"]["attn"]["to_q"]["kernel"].shape[0] == CONFIGS[name]["num_layers"]
@@ -225,7 +227,6 @@ def test_convert_cli_writes_an_orbax_checkpoint_that_loads(saved, tmp_path):
 
 
 def _tamper(root: pathlib.Path, dst: pathlib.Path, edit) -> pathlib.Path:
-  from safetensors.numpy import load_file, save_file
   files = list((root / "transformer").glob("*.safetensors"))
   tensors = {k: v for f in files for k, v in load_file(f).items()}
   edit(tensors)

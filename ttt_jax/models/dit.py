@@ -39,8 +39,10 @@ VARIANTS: dict[str, dict[str, Any]] = {
     # sample_size: its pre-training latent size (480x720 pixels / 8), which sets RoPE positions.
     "cogvideox-5b": dict(width=3072, depth=42, num_heads=48, text_dim=4096, time_embed_dim=512,
                          sample_size=(60, 90)),
-    # A few-minute CPU model with the same structure (head dim 16: the smallest for 3D RoPE).
-    "tiny": dict(width=64, depth=2, num_heads=4, text_dim=32, time_embed_dim=64),
+    # A few-minute CPU model with the same structure (head dim 16: the smallest for 3D RoPE),
+    # "pre-trained" at the tiny preset's 64x96 pixels.
+    "tiny": dict(width=64, depth=2, num_heads=4, text_dim=32, time_embed_dim=64,
+                 sample_size=(8, 12)),
 }
 
 REMAT_POLICIES = {
