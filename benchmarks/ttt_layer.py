@@ -8,7 +8,7 @@ Accounting: a sequence length L is the number of tokens in each (batch, head)
 stream, split into NC = L / K mini-batches. One call processes B * L tokens
 (`tokens_per_s`) and B * H * L per-head tokens (`head_tokens_per_s`).
 `fwd.flops` is the analytic matmul count (2 m n k per einsum) of the
-step in ttt_jax/ops/ttt.py times B * H * NC; elementwise work is not counted.
+step in ttt_jax/ttt_step.py times B * H * NC; elementwise work is not counted.
 `fwd_bwd` times jax.grad of sum(out * cotangent) w.r.t. every input and the
 initial fast weights. Each timing is the median of --repeats runs after one
 warm-up; `compile_s` is lower + compile time. `memory_mib` holds XLA's

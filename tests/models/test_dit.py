@@ -69,7 +69,10 @@ def test_layer_scan_equals_python_loop_and_remat():
     np.testing.assert_allclose(apply(remat, latents, text, t), out, rtol=1e-5, atol=1e-5)
   grad = nnx.jit(nnx.grad(lambda m: jnp.sum(m(latents, text, t, LAYOUT) ** 2)))
   g1, g2 = grad(scanned), grad(make_model(remat_policy="full"))
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5),
+  # Remat recomputes in another fusion order: fp32 round-off relative to each leaf's scale
+  # (gradients here reach ~1e2, where 1e-5 absolute is below one ulp's worth of summands).
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4,
+                                                       atol=1e-6 * float(np.abs(b).max())),
                nnx.state(g1, nnx.Param), nnx.state(g2, nnx.Param))
 
 
