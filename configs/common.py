@@ -51,6 +51,9 @@ def get_config(seconds: int, arg: str | None) -> ml_collections.ConfigDict:
       text_dim=32 if tiny else 4096,  # text encoder width (T5-XXL: 4096)
       codec="toy",
       text_encoder="toy",
+      # The toy set is encoded into memory before step 1: at most this many GB of it
+      # (the paper-size set would be hundreds of GB and days of encoding).
+      max_cache_gb=8.0,
   ))
 
   c.model = ml_collections.ConfigDict(dict(
@@ -99,6 +102,9 @@ def get_config(seconds: int, arg: str | None) -> ml_collections.ConfigDict:
       log_every=10 if tiny else 10,
       ckpt_every=50 if tiny else 250,
       keep_checkpoints=2,
+      # A NaN/inf loss or gradient norm: "stop" (non-zero exit, the last checkpoint kept)
+      # or "skip" (the update is not applied; skipped steps are counted in metrics).
+      nonfinite="stop",
   ))
 
   c.sample = ml_collections.ConfigDict(dict(

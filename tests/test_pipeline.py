@@ -5,6 +5,7 @@ import json
 import numpy as np
 import pytest
 
+from configs import common
 from tests.conftest import small_config
 from ttt_jax.data import pipeline, toy_cartoons
 from ttt_jax.models.text import make_text_encoder
@@ -126,3 +127,16 @@ def test_batch_size_must_divide_over_processes(monkeypatch):
   monkeypatch.setattr(pipeline.jax, "process_count", lambda: 2)
   with pytest.raises(ValueError, match="not divisible by the 2 JAX processes"):
     pipeline.batches(_examples(), 3, seed=0)
+
+
+def test_paper_size_toy_cache_is_capped_with_a_message(caplog):
+  """The in-memory toy cache is encoded before step 1: at paper size it is capped."""
+  data = common.get_config(63, "paper").data.to_dict()
+  codec = make_codec("toy")
+  with caplog.at_level("WARNING"):
+    n = pipeline.cache_limit(data, 63, codec, data["text_dim"], data["num_videos"])
+  per_video = 4 * (253 * 60 * 90 * 16 + 21 * 458 * 4096)  # latents + captions, fp32
+  assert n == int(8e9 // per_video) < data["num_videos"]
+  assert "10000 toy videos of 63 s at 480x720" in caplog.text and "caching the first" in caplog.text
+  tiny = common.get_config(63, "tiny").data.to_dict()
+  assert pipeline.cache_limit(tiny, 63, codec, tiny["text_dim"], tiny["num_videos"]) == 8

@@ -14,7 +14,7 @@ from diffusers import CogVideoXTransformer3DModel
 from flax import nnx
 
 from tests.conftest import build_model, flat, params_of, small_config
-from ttt_jax import checkpoint, convert, train
+from ttt_jax import checkpoint, convert, preflight, train
 from ttt_jax.models import dit
 
 TINY = dit.VARIANTS["tiny"]
@@ -84,7 +84,7 @@ def test_mismatched_variant_and_bad_paths_are_refused(weights, tmp_path):
     convert.load_pretrained(out, other)
   convert.load_pretrained(out, build_model(cfg))  # the matching one loads
   cfg.model.pretrained = str(tmp_path / "missing")
-  with pytest.raises(FileNotFoundError, match="missing do not exist"):
+  with pytest.raises(preflight.PreflightError, match="missing do not exist"):
     train.train(cfg, tmp_path / "run")
   assert not (tmp_path / "run" / "cache").exists()  # refused before any data work
   cfg.model.pretrained, cfg.init_from = str(out), str(tmp_path)

@@ -8,17 +8,30 @@
   meta    JSON: step, the RNG key data and the data iterator's state.
 Orbax writes each step to a temporary directory and renames it when complete,
 so a crash never leaves a half-written checkpoint that would be resumed.
+Saves are asynchronous (training goes on while a step is written); `wait`
+and `close` block until every started save is on disk.
+
+A checkpoint damaged after it was written (a truncated or corrupt file) is
+found when it is restored: the run warns, naming the step, the error and
+every file whose size differs from the `<step>.files.json` manifest written
+when the save completed, moves it aside to `checkpoints/<step>.damaged`
+(never deleted) and resumes from the newest step that restores.
 """
 
 from __future__ import annotations
 
+import json
 import pathlib
 from typing import Any
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from absl import logging
 from flax import nnx
+
+DAMAGED_SUFFIX = ".damaged"
+MANIFEST_SUFFIX = ".files.json"  # {relative path: bytes} of a completed step
 
 
 def _abstract(state: Any) -> Any:
@@ -30,20 +43,53 @@ def _params_dir(workdir: str | pathlib.Path) -> pathlib.Path:
 
 
 class Checkpointer:
-  """Saves when asked (keeping the newest `keep`) and resumes from the latest."""
+  """Saves when asked (asynchronously, keeping the newest `keep`) and resumes from the latest
+  good step."""
 
   def __init__(self, workdir: str | pathlib.Path, *, keep: int | None = None):
+    self.directory = _params_dir(workdir)
     self.manager = ocp.CheckpointManager(
-        _params_dir(workdir), item_names=("params", "opt", "meta"),
+        self.directory, item_names=("params", "opt", "meta"),
         options=ocp.CheckpointManagerOptions(
-            max_to_keep=keep, create=True,
-            enable_async_checkpointing=False))
+            max_to_keep=keep, create=True, enable_async_checkpointing=True))
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
 
+  def _manifest(self, step: int | str) -> pathlib.Path:
+    return self.directory / f"{step}{MANIFEST_SUFFIX}"
+
+  def _write_manifests(self) -> None:
+    """A manifest for every completed step that lacks one; none for steps no longer kept."""
+    steps = set(self.manager.all_steps())
+    for step in steps:
+      if not self._manifest(step).exists():
+        root = self.directory / str(step)
+        sizes = {str(f.relative_to(root)): f.stat().st_size for f in root.rglob("*") if f.is_file()}
+        self._manifest(step).write_text(json.dumps(sizes, indent=1))
+    for manifest in self.directory.glob(f"*{MANIFEST_SUFFIX}"):
+      name = manifest.name[:-len(MANIFEST_SUFFIX)]
+      if name.isdigit() and int(name) not in steps:
+        manifest.unlink()
+
+  def _damaged_files(self, step: int) -> str:
+    """The files of `step` whose size differs from its manifest, as one phrase."""
+    if not self._manifest(step).exists():
+      return "no manifest to compare its files with"
+    root = self.directory / str(step)
+    bad = []
+    for name, size in json.loads(self._manifest(step).read_text()).items():
+      f = root / name
+      if not f.is_file():
+        bad.append(f"{f} is missing")
+      elif f.stat().st_size != size:
+        bad.append(f"{f} has {f.stat().st_size:,} of its {size:,} bytes")
+    return "; ".join(bad) if bad else "every file has the size it was written with"
+
   def save(self, step: int, model: nnx.Module, optimizer: nnx.Optimizer, rng: jax.Array,
            data_state: dict[str, Any]) -> None:
+    """Starts writing `step` and returns; the arrays are copied first, so training may go on."""
+    self.wait()  # the previous save (long finished, normally) gets its manifest
     meta = {"step": step, "rng": np.asarray(jax.random.key_data(rng)).tolist(),
             "data": data_state}
     self.manager.save(step, force=True, args=ocp.args.Composite(
@@ -51,12 +97,13 @@ class Checkpointer:
         opt=ocp.args.StandardSave(nnx.to_pure_dict(nnx.state(optimizer))),
         meta=ocp.args.JsonSave(meta)))
 
-  def restore(self, model: nnx.Module, optimizer: nnx.Optimizer
-              ) -> tuple[int, jax.Array, dict[str, Any]] | None:
-    """Loads the latest step into model and optimizer; returns (step, rng, data state)."""
-    step = self.manager.latest_step()
-    if step is None:
-      return None
+  def wait(self) -> None:
+    """Blocks until every started save is complete on disk (and has its manifest)."""
+    self.manager.wait_until_finished()
+    self._write_manifests()
+
+  def _restore_step(self, step: int, model: nnx.Module, optimizer: nnx.Optimizer
+                    ) -> tuple[int, jax.Array, dict[str, Any]]:
     params, opt = nnx.state(model, nnx.Param), nnx.state(optimizer)
     out = self.manager.restore(step, args=ocp.args.Composite(
         params=ocp.args.StandardRestore(_abstract(nnx.to_pure_dict(params))),
@@ -69,7 +116,37 @@ class Checkpointer:
     rng = jax.random.wrap_key_data(np.asarray(out["meta"]["rng"], np.uint32))
     return out["meta"]["step"], rng, out["meta"]["data"]
 
+  def restore(self, model: nnx.Module, optimizer: nnx.Optimizer
+              ) -> tuple[int, jax.Array, dict[str, Any]] | None:
+    """Loads the newest step that restores; returns (step, rng, data state), None if none.
+
+    A step that fails to restore is moved aside with a warning, and the next
+    older one is tried; if every step fails, the last error is raised.
+    """
+    steps = sorted(self.manager.all_steps(), reverse=True)
+    for n, step in enumerate(steps):
+      try:
+        return self._restore_step(step, model, optimizer)
+      except Exception as e:  # noqa: BLE001 (any failure means this step is unusable)
+        aside = self.directory / f"{step}{DAMAGED_SUFFIX}"
+        older = steps[n + 1] if n + 1 < len(steps) else None
+        logging.warning(
+            "checkpoint step %d in %s does not restore (%s: %s); damaged: %s; moved aside to %s "
+            "(not deleted); %s", step, self.directory / str(step), type(e).__name__,
+            str(e).splitlines()[0][:200] if str(e) else "", self._damaged_files(step), aside,
+            f"falling back to step {older}" if older is not None else "no older checkpoint")
+        (self.directory / str(step)).rename(aside)
+        if self._manifest(step).exists():
+          self._manifest(step).rename(self._manifest(f"{step}{DAMAGED_SUFFIX}"))
+        self.manager.reload()
+        if older is None:
+          raise RuntimeError(f"no checkpoint in {self.directory} restores; the damaged ones are "
+                             f"kept as *{DAMAGED_SUFFIX}; remove them to start afresh") from e
+    return None
+
   def close(self) -> None:
+    """Waits for pending saves, then releases the manager."""
+    self.wait()
     self.manager.close()
 
 

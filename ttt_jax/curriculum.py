@@ -18,7 +18,7 @@ import ml_collections
 
 from absl import app, flags, logging
 
-from ttt_jax import metrics, sample, train
+from ttt_jax import metrics, preflight, sample, train
 from ttt_jax.data import toy_cartoons
 
 _PRESET = flags.DEFINE_string("preset", "tiny", "Config preset of every stage (tiny | paper).")
@@ -42,15 +42,18 @@ def load_stage_config(config_dir: str | pathlib.Path, seconds: int, preset: str
 def run(preset: str, workdir: str | pathlib.Path, stages: list[int],
         config_dir: str | pathlib.Path = "configs") -> dict:
   workdir = pathlib.Path(workdir)
-  summary, runs, previous = {}, [], ""
-  for seconds in stages:
+  configs, previous = {}, ""
+  for seconds in stages:  # every stage checked before the first one trains
     config = load_stage_config(config_dir, seconds, preset)
     with config.unlocked():
       config.init_from = previous
+    preflight.check(config, "train", init_exists=False)
+    configs[seconds], previous = config, str(workdir / f"{seconds}s")
+  summary, runs = {}, []
+  for seconds, config in configs.items():
     stage_dir = workdir / f"{seconds}s"
     summary[f"{seconds}s"] = train.train(config, stage_dir)
     runs.append((f"{seconds}s", metrics.read_metrics(stage_dir / "metrics.jsonl")))
-    previous = str(stage_dir)
   metrics.plot_loss(runs, workdir / "loss.png")
 
   # A storyboard the model never trained on: the video just past the training set.

@@ -22,7 +22,7 @@ import numpy as np
 from absl import app, flags, logging
 from flax import nnx
 
-from ttt_jax import checkpoint
+from ttt_jax import checkpoint, preflight
 from ttt_jax.data import pipeline
 from ttt_jax.layout import SECONDS_PER_SEGMENT
 from ttt_jax.diffusion import NoiseSchedule, ddim_sample, dpmpp_2m_sample
@@ -72,6 +72,9 @@ def sample_video(workdir: str | pathlib.Path, captions: list[str], *, steps: int
   if sampler not in SAMPLERS:
     raise ValueError(f"unknown sampler {sampler!r}; choose from {SAMPLERS}")
 
+  with config.unlocked():
+    config.seconds = SECONDS_PER_SEGMENT * len(captions)  # the video asked for
+  preflight.check(config, "sample")
   codec = make_codec(config.data.codec)
   text_encoder = make_text_encoder(config.data.text_encoder, dim=config.data.text_dim)
   model = dit.build(config.model, text_dim=config.data.text_dim, rngs=nnx.Rngs(0))

@@ -14,18 +14,21 @@ from __future__ import annotations
 import functools
 import json
 import pathlib
+import signal
+import sys
 import time
 from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import tqdm
 from absl import app, flags, logging
 from flax import nnx
 from ml_collections import config_flags
 
-from ttt_jax import checkpoint, convert, metrics, optim
+from ttt_jax import checkpoint, convert, metrics, optim, preflight
 from ttt_jax.data import pipeline
 from ttt_jax.layout import VideoLayout
 from ttt_jax.diffusion import NoiseSchedule, drop_text, sample_timesteps, v_prediction_loss
@@ -35,6 +38,16 @@ from ttt_jax.models.vae import make_codec
 from ttt_jax.parallel import mesh as mesh_lib
 
 FLAGS = flags.FLAGS
+NONFINITE = ("stop", "skip")
+PREEMPTED_EXIT = 128 + signal.SIGTERM  # what a shell reports for a SIGTERM'd process
+
+
+class NonFiniteError(RuntimeError):
+  """The loss or gradient norm of a step was NaN or infinite (train.nonfinite='stop')."""
+
+
+class Preempted(RuntimeError):
+  """SIGTERM arrived; a checkpoint of the current step was saved first."""
 
 def loss_fn(model: dit.VideoDiT, batch: dict[str, jax.Array], rng: jax.Array, *,
             layout: VideoLayout, schedule: NoiseSchedule, text_dropout: float) -> jax.Array:
@@ -49,26 +62,97 @@ def loss_fn(model: dit.VideoDiT, batch: dict[str, jax.Array], rng: jax.Array, *,
 
 
 def train_step(model: dit.VideoDiT, optimizer: nnx.Optimizer, batch: dict[str, jax.Array],
-               rng: jax.Array, *, optim_cfg: Mapping[str, Any],
+               rng: jax.Array, *, optim_cfg: Mapping[str, Any], skip_nonfinite: bool = False,
                **loss_kw: Any) -> dict[str, jax.Array]:
+  """One update; with skip_nonfinite a step whose loss or grad norm is not finite changes
+  nothing (parameters and optimizer state keep their values)."""
   loss, grads = nnx.value_and_grad(functools.partial(loss_fn, **loss_kw))(model, batch, rng)
-  optimizer.update(model, grads)
   # The norm the clip acts on: frozen groups' gradients are dropped before it.
-  return {"loss": loss, "grad_norm": optim.trainable_grad_norm(optim_cfg, grads)}
+  grad_norm = optim.trainable_grad_norm(optim_cfg, grads)
+  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+  # nnx.state aliases the live Variables: tree.map takes a snapshot of their arrays.
+  before = jax.tree.map(lambda x: x, nnx.state((model, optimizer))) if skip_nonfinite else None
+  optimizer.update(model, grads)
+  if skip_nonfinite:
+    after = nnx.state((model, optimizer))
+    nnx.update((model, optimizer),
+               jax.tree.map(lambda new, old: jnp.where(finite, new, old), after, before))
+  return {"loss": loss, "grad_norm": grad_norm, "finite": finite}
 
 
-def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[str, float]:
-  """Runs (or resumes) one stage; returns the first and last logged losses."""
+def record_config(workdir: pathlib.Path, config: ml_collections.ConfigDict) -> None:
+  """config.json = this run's config; every run appends to config_history.jsonl, and a
+  resumed run whose config changed says which keys."""
+  current = json.loads(config.to_json_best_effort())
+  path = workdir / "config.json"
+  if path.exists():
+    flatten = lambda d, pre="": {k2: v2 for k, v in d.items() for k2, v2 in (
+        flatten(v, f"{pre}{k}.").items() if isinstance(v, dict) else [(f"{pre}{k}", v)])}
+    old, new = flatten(json.loads(path.read_text())), flatten(current)
+    changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+    if changed:
+      logging.warning("config changed since the last run in %s: %s", workdir, ", ".join(
+          f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed))
+  with (workdir / "config_history.jsonl").open("a") as f:
+    f.write(json.dumps({"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "config": current}) + "\n")
+  path.write_text(json.dumps(current, indent=2) + "\n")
+
+
+def log_parameter_counts(model: dit.VideoDiT, optim_cfg: Mapping[str, Any]) -> None:
+  params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+  counts = {g: 0 for g in optim.GROUPS}
+  for path, x in jax.tree_util.tree_leaves_with_path(params):
+    counts[optim.param_group(path)] += int(np.prod(x.shape))
+  trainable = sum(n for g, n in counts.items() if optim_cfg["lr"][g] > 0)
+  logging.warning("parameters: %s total, %s trainable (%s)", f"{sum(counts.values()):,}",
+                  f"{trainable:,}", ", ".join(
+                      f"{g} {n:,} at lr {optim_cfg['lr'][g]:g}" for g, n in counts.items()))
+
+
+class _SigtermFlag:
+  """Set by SIGTERM while training; the loop checks it after every step."""
+
+  def __init__(self):
+    self.raised = False
+
+  def __enter__(self):
+    self._previous = signal.signal(signal.SIGTERM, self._handle)
+    return self
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    self.raised = True
+
+  def __exit__(self, *exc):
+    signal.signal(signal.SIGTERM, self._previous)
+
+  def any_process(self) -> bool:
+    """True on every process once any process got the signal (one tiny all-gather)."""
+    if jax.process_count() == 1:
+      return self.raised
+    from jax.experimental import multihost_utils
+    return bool(np.any(multihost_utils.process_allgather(np.int32(self.raised))))
+
+
+def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
+          force: bool = False) -> dict[str, float]:
+  """Runs (or resumes) one stage; returns the first and last logged losses.
+
+  Raises preflight.PreflightError before any work if the config cannot run
+  here (force: run despite the memory estimate), NonFiniteError on a NaN/inf
+  step (train.nonfinite='stop'), Preempted after saving on SIGTERM.
+  """
   workdir = pathlib.Path(workdir)
-  workdir.mkdir(parents=True, exist_ok=True)
-  lead = jax.process_index() == 0  # one process writes config, metrics and plots
+  if config.train.nonfinite not in NONFINITE:
+    raise ValueError(f"train.nonfinite={config.train.nonfinite!r}: choose from {NONFINITE}")
   if config.model.pretrained and config.init_from:
     raise ValueError(f"set one of model.pretrained ({config.model.pretrained}) and init_from "
                      f"({config.init_from}): both initialise the model")
-  if config.model.pretrained:  # before any data work: a wrong path fails in seconds
-    convert.pretrained_architecture(config.model.pretrained)
+  preflight.check(config, "train", force=force)  # before any data work or compile
+  workdir.mkdir(parents=True, exist_ok=True)
+  lead = jax.process_index() == 0  # one process writes config, metrics and plots
   if lead:
-    (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
+    record_config(workdir, config)
 
   # ------------------------------------------------------------------ data
   codec = make_codec(config.data.codec)
@@ -87,6 +171,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
     step = checkpoint.load_params(config.init_from, model)
     logging.warning("initialised from %s (step %d)", config.init_from, step)
   optimizer = nnx.Optimizer(model, optim.make_optimizer(config.optim), wrt=nnx.Param)
+  log_parameter_counts(model, config.optim)
 
   # --------------------------------------------------------- shard & restore
   mesh = mesh_lib.make_mesh(config.mesh)
@@ -104,26 +189,58 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
   schedule = NoiseSchedule.create(num_steps=config.diffusion.num_steps)
   step_fn = nnx.cached_partial(  # cached graph traversal: less Python per step
       nnx.jit(functools.partial(train_step, optim_cfg=config.optim.to_dict(), layout=layout,
-                                schedule=schedule, text_dropout=config.diffusion.text_dropout)),
+                                schedule=schedule, text_dropout=config.diffusion.text_dropout,
+                                skip_nonfinite=config.train.nonfinite == "skip")),
       model, optimizer)
   lr = {g: optim.learning_rate(config.optim, g) for g in optim.GROUPS}
-  window, t0 = [], time.perf_counter()
+  tokens_per_step = config.train.batch_size * layout.seq_len
+  window, times, compile_s, skipped, saved = [], [], None, 0, start
   bar = tqdm.trange(start, config.train.steps, initial=start, total=config.train.steps,
                     desc=f"{config.seconds}s stage", disable=not lead)
-  for step in bar:
-    batch = mesh_lib.global_batch(next(data_iter), mesh)
-    window.append(step_fn(batch, jax.random.fold_in(rng, step)))
-    done = step + 1
-    if done % config.train.log_every == 0 or done == config.train.steps:
-      row = {k: float(jnp.mean(jnp.stack([o[k] for o in window]))) for k in window[0]}
-      row.update({f"lr_{g}": float(s(step)) for g, s in lr.items()},
-                 steps_per_s=(done - start) / (time.perf_counter() - t0))
-      if writer:
-        writer.write(done, **row)  # means over the steps since the last log line
-      window = []
-      bar.set_postfix(loss=f"{row['loss']:.4f}")
-    if done % config.train.ckpt_every == 0 or done == config.train.steps:
-      ckpt.save(done, model, optimizer, rng, data_iter.get_state())
+  with _SigtermFlag() as sigterm:
+    for step in bar:
+      batch = mesh_lib.global_batch(next(data_iter), mesh)
+      t0 = time.perf_counter()
+      out = jax.device_get(step_fn(batch, jax.random.fold_in(rng, step)))
+      seconds = time.perf_counter() - t0
+      if compile_s is None:
+        compile_s = seconds  # the first call of this process: compile + one step
+      else:
+        times.append(seconds)
+      done = step + 1
+      if not out["finite"]:
+        bad = ", ".join(f"{k}={float(out[k])}" for k in ("loss", "grad_norm"))
+        if config.train.nonfinite == "stop":
+          ckpt.close()  # pending saves finish: the last checkpoint before this step is intact
+          raise NonFiniteError(
+              f"step {done}: {bad} is not finite; stopped without saving this step; "
+              + (f"the last checkpoint (step {saved}) in {workdir / 'checkpoints'} is intact"
+                 if saved else "no checkpoint was saved yet")
+              + f"; lower optim.lr "
+              f"or optim.grad_clip, or set --config.train.nonfinite=skip to skip such steps")
+        skipped += 1
+        logging.warning("step %d: %s is not finite; update skipped (%d so far)", done, bad, skipped)
+      else:
+        window.append(out)
+      if done % config.train.log_every == 0 or done == config.train.steps:
+        row = {k: float(np.mean([o[k] for o in window])) if window else float("nan")
+               for k in ("loss", "grad_norm")}
+        s_per_step = float(np.mean(times)) if times else compile_s
+        row.update({f"lr_{g}": float(s(step)) for g, s in lr.items()},
+                   s_per_step=s_per_step, tokens_per_s=tokens_per_step / s_per_step,
+                   compile_s=compile_s, skipped_steps=skipped)
+        if writer:
+          writer.write(done, **row)  # means over the steps since the last log line
+        window, times = [], []
+        bar.set_postfix(loss=f"{row['loss']:.4f}")
+      if sigterm.any_process():
+        ckpt.save(done, model, optimizer, rng, data_iter.get_state())
+        ckpt.close()
+        raise Preempted(f"SIGTERM at step {done}: saved a checkpoint of step {done} in "
+                        f"{workdir / 'checkpoints'}; the same command resumes from it")
+      if done % config.train.ckpt_every == 0 or done == config.train.steps:
+        ckpt.save(done, model, optimizer, rng, data_iter.get_state())
+        saved = done
   ckpt.close()
 
   rows = metrics.read_metrics(workdir / "metrics.jsonl")
@@ -133,6 +250,12 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
   return {"first_loss": losses[0], "last_loss": losses[-1]} if losses else {}
 
 
+def default_workdir(config_flag: str) -> pathlib.Path:
+  """workdirs/<config file stem>[_<preset>] for --config=path/stem.py[:preset]."""
+  path, _, preset = config_flag.partition(":")
+  return pathlib.Path("workdirs") / (pathlib.Path(path).stem + (f"_{preset}" if preset else ""))
+
+
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
@@ -140,13 +263,25 @@ def main(argv: list[str]) -> None:
     logging.set_verbosity(logging.WARNING)
   if FLAGS.distributed:
     jax.distributed.initialize()
-  print(json.dumps(train(FLAGS.config, FLAGS.workdir)))
+  workdir = FLAGS.workdir or default_workdir(config_flags.get_config_filename(FLAGS["config"]))
+  logging.warning("workdir: %s", pathlib.Path(workdir).absolute())
+  try:
+    print(json.dumps(train(FLAGS.config, workdir, force=FLAGS.force)))
+  except preflight.PreflightError as e:
+    sys.exit(f"preflight refused this run:\n{e}")
+  except NonFiniteError as e:
+    sys.exit(f"training stopped: {e}")
+  except Preempted as e:
+    print(f"preempted: {e}", file=sys.stderr)
+    sys.exit(PREEMPTED_EXIT)
 
 
 if __name__ == "__main__":  # flags live here so other entry points can import train()
   config_flags.DEFINE_config_file("config", None, "Stage config file[:preset].",
                                   lock_config=True)
-  flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics, plots.")
+  flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics, plots "
+                      "(default: workdirs/<config file stem>[_<preset>]).")
   flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() (multi-host pods).")
-  flags.mark_flags_as_required(["config", "workdir"])
+  flags.DEFINE_bool("force", False, "Run even if preflight estimates it does not fit in memory.")
+  flags.mark_flags_as_required(["config"])
   app.run(main)

@@ -18,6 +18,7 @@ import grain.python as grain
 import jax
 import numpy as np
 import tqdm
+from absl import logging
 
 from ttt_jax.data import toy_cartoons
 from ttt_jax.layout import VideoLayout
@@ -53,6 +54,25 @@ def _source(data_cfg: Mapping[str, Any], seconds: int):
       seed=data_cfg["seed"], num_videos=data_cfg["num_videos"]))
 
 
+def cache_limit(data_cfg: Mapping[str, Any], seconds: int, codec: LatentCodec, text_dim: int,
+                num_videos: int) -> int:
+  """How many videos the in-memory cache takes: all, or as many as data.max_cache_gb holds.
+
+  The cache is encoded before step 1; at paper size the toy set would be
+  hundreds of GB and days of encoding, so it is capped, with a message.
+  """
+  T, h, w, C = codec.latent_shape(toy_cartoons.num_frames(seconds), data_cfg["height"],
+                                  data_cfg["width"])
+  per_video = 4 * (T * h * w * C + (seconds // 3) * data_cfg["text_len"] * text_dim)
+  limit = max(jax.process_count(), int(data_cfg["max_cache_gb"] * 1e9 // per_video))
+  if limit < num_videos:
+    logging.warning("data: %d toy videos of %d s at %dx%d are %.0f GB of latents; caching the "
+                    "first %d (data.max_cache_gb=%g); raise it to use more", num_videos, seconds,
+                    data_cfg["height"], data_cfg["width"], num_videos * per_video / 1e9, limit,
+                    data_cfg["max_cache_gb"])
+  return min(limit, num_videos)
+
+
 def build_examples(data_cfg: Mapping[str, Any], seconds: int, codec: LatentCodec,
                    text_encoder: TextEncoder, cache_dir: str | pathlib.Path | None = None
                    ) -> dict[str, np.ndarray]:
@@ -72,9 +92,10 @@ def build_examples(data_cfg: Mapping[str, Any], seconds: int, codec: LatentCodec
   source = _source(data_cfg, seconds)
   if len(source) < n_proc:
     raise ValueError(f"data.num_videos={len(source)} cannot be shared by {n_proc} processes")
+  count = cache_limit(data_cfg, seconds, codec, text_encoder.dim, len(source))
   encode = jax.jit(codec.encode)
   latents, text = [], []
-  for i in tqdm.tqdm(range(proc, len(source), n_proc), desc=f"encoding {seconds}s videos",
+  for i in tqdm.tqdm(range(proc, count, n_proc), desc=f"encoding {seconds}s videos",
                      leave=False, disable=proc != 0):
     item = source[i]
     video = toy_cartoons.frames_to_float(item["frames"])[None]  # [1, T, H, W, 3]

@@ -1,0 +1,99 @@
+"""preflight.check: one line per problem, naming the key and the fix; memory from eval_shape."""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+import pytest
+
+from configs import common
+from tests.conftest import small_config
+from ttt_jax import preflight
+
+
+def problems(cfg, purpose="train", **kw) -> list[str]:
+  with pytest.raises(preflight.PreflightError) as e:
+    preflight.check(cfg, purpose, **kw)
+  return str(e.value).splitlines()
+
+
+def test_tiny_config_passes_with_a_small_estimate():
+  est = preflight.check(small_config())
+  assert 0 < est.total < 2**30 and est.devices == jax.device_count()
+  assert est.params > 0 and est.gradients > 0 and est.optimizer > 0 and est.activations > 0
+
+
+@pytest.mark.parametrize("key,value,expect", [
+    ("seconds", 10, "seconds=10: a video is whole 3-second segments"),
+    ("data.name", "nope", "data.name='nope' does not exist; known datasets: toy_cartoons"),
+    ("data.height", 40, "data.height=40 is not a multiple of 16 (codec 8x times patch 2)"),
+    ("data.width", 50, "data.width=50 is not a multiple of 16"),
+    ("init_from", "/nowhere", "init_from=/nowhere: no checkpoint in /nowhere/checkpoints"),
+    ("model.pretrained", "/nowhere", "model.pretrained=/nowhere: pretrained weights /nowhere do "
+                                     "not exist"),
+    ("mesh.data", 3, "mesh.data=3 x mesh.fsdp=1 does not divide the 1 device(s)"),
+])
+def test_each_problem_is_one_line_naming_the_key(key, value, expect):
+  cfg = small_config()
+  with cfg.unlocked():
+    node, leaf = (cfg, key) if "." not in key else (cfg[key.split(".")[0]], key.split(".")[1])
+    node[leaf] = value
+  lines = problems(cfg)
+  assert any(line.startswith(expect) for line in lines), lines
+  assert all("\n" not in line for line in lines)
+
+
+def test_frozen_base_without_init_is_refused_and_init_fixes_it(tmp_path):
+  cfg = small_config(9)  # later stage: optim.lr.other = 0 in the tiny preset ...
+  cfg.optim.lr.other = 0.0
+  [line] = problems(cfg)
+  assert line.startswith("optim.lr.other=0 freezes the base weights")
+  assert "--config.init_from=" in line and "ttt_jax.curriculum" in line
+  cfg.init_from = str(tmp_path)  # ... a later stage names its init: only its checkpoint is missing
+  [line] = problems(cfg)
+  assert line.startswith(f"init_from={tmp_path}: no checkpoint")
+  assert preflight.check(cfg, init_exists=False) is not None  # the curriculum's up-front check
+  assert preflight.check(cfg, "sample") is not None  # sampling trains nothing
+
+
+def test_paper_preset_refused_on_this_host_with_numbers_and_the_way_out():
+  cfg = common.get_config(3, "paper")
+  cfg.model.pretrained = ""  # only the memory is in the way now
+  lines = problems(cfg)
+  assert lines[0].startswith("paper preset, 3 s, train: ~") and "GiB per device needed" in lines[0]
+  assert "params 26.9 GiB" in lines[0]  # 7.23e9 fp32 parameters
+  assert f"this host has {jax.device_count()} cpu device(s)" in lines[0]
+  assert "pass --force to run anyway" in lines[0]
+  assert lines[-1] == preflight.PAPER_HINT
+  est = preflight.check(cfg, force=True)
+  assert est.total > est.device_bytes
+
+
+def test_memory_estimate_scales_with_the_mesh():
+  """fsdp shards parameters, gradients and optimizer state; data parallelism splits the batch."""
+  cfg = small_config()
+  cfg.train.batch_size = 4
+  one = preflight.estimate_memory(cfg, "train", data=1, fsdp=1)
+  fsdp = preflight.estimate_memory(cfg, "train", data=1, fsdp=2)
+  data = preflight.estimate_memory(cfg, "train", data=2, fsdp=1)
+  np.testing.assert_allclose([fsdp.params, fsdp.gradients, fsdp.optimizer],
+                             [one.params / 2, one.gradients / 2, one.optimizer / 2])
+  assert data.params == one.params and data.activations == pytest.approx(one.activations / 2)
+  # Frozen groups have no optimizer moments.
+  cfg.optim.lr.other = 0.0
+  assert preflight.estimate_memory(cfg, "train", 1, 1).optimizer < one.optimizer
+
+
+def test_mesh_sizes():
+  assert preflight.mesh_sizes({"data": -1, "fsdp": 2}, 8) == (4, 2)
+  assert "at most one may be -1" in preflight.mesh_sizes({"data": -1, "fsdp": -1}, 8)
+  assert "does not divide the 8 device(s)" in preflight.mesh_sizes({"data": 3, "fsdp": 1}, 8)
+  assert "set one of them to -1" in preflight.mesh_sizes({"data": 2, "fsdp": 2}, 8)
+
+
+def test_batch_must_divide_over_the_mesh(monkeypatch):
+  monkeypatch.setattr(preflight.jax, "device_count", lambda: 4)
+  cfg = small_config()  # batch 2 on mesh data=-1 -> 4 devices
+  [line, *_] = problems(cfg)
+  assert line == ("train.batch_size=2 is not divisible by the 4 devices of mesh data=4 x "
+                  "fsdp=1; use a multiple of 4")

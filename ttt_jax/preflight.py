@@ -1,0 +1,211 @@
+"""Preflight: a config checked against this machine before any data work or compile.
+
+`check(config, purpose)` runs in seconds: it validates the keys a run would
+otherwise fail on hours later, and estimates memory per device from the
+abstract model (`nnx.eval_shape`: nothing is allocated). Each problem is one
+line naming the key and the fix; all of them are raised together as one
+`PreflightError`. The trainer, the curriculum and the sampler call it first.
+
+The memory estimate (bytes per device) is deliberately simple, an order of
+magnitude to refuse the impossible, not a planner:
+  parameters   model params, sharded over 'fsdp';
+  gradients    one fp32 gradient per parameter, sharded like them (training);
+  optimizer    AdamW's two fp32 moments of every trainable parameter;
+  activations  per example on the device: the residual stream kept at every
+               block boundary (remat) or every block's working set (no remat),
+               plus one block's working set and its attention scores, which
+               the XLA attention path materialises per window.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import pathlib
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from ttt_jax import convert, optim
+from ttt_jax.data import pipeline
+from ttt_jax.layout import SECONDS_PER_SEGMENT
+from ttt_jax.models import dit
+from ttt_jax.models.vae import make_codec
+
+GIB = 2.0**30
+PURPOSES = ("train", "sample")
+# Live [L, D]-sized tensors of one block at once (q/k/v, attention and TTT in and out,
+# the 4x MLP hidden and its GELU, adaLN outputs), counted in units of [L, D].
+BLOCK_WORKING_SET = 24
+PAPER_HINT = ("`paper` (the default preset) is the pod job: CogVideoX-5B + TTT-MLP at 480x720, "
+              "batch 64; on this machine use `:tiny` (e.g. --config=configs/tom_jerry_3s.py:tiny) "
+              "or the README main job `python -m ttt_jax.curriculum --workdir=workdirs/tiny`; "
+              "pods: launch/")
+
+
+class PreflightError(ValueError):
+  """One line per problem, each naming the config key and the fix."""
+
+
+@dataclasses.dataclass(frozen=True)
+class MemoryEstimate:
+  """Bytes per device of one run, and what the device has."""
+  params: float
+  gradients: float
+  optimizer: float
+  activations: float
+  device_bytes: float
+  devices: int
+  platform: str
+
+  @property
+  def total(self) -> float:
+    return self.params + self.gradients + self.optimizer + self.activations
+
+  def summary(self) -> str:
+    size = lambda b: f"{b / GIB:.1f} GiB" if b >= 0.1 * GIB else f"{b / 2**20:.1f} MiB"
+    parts = ", ".join(f"{k} {size(getattr(self, k))}"
+                      for k in ("params", "gradients", "optimizer", "activations"))
+    return (f"~{size(self.total)} per device needed ({parts}); this host has {self.devices} "
+            f"{self.platform} device(s) with {size(self.device_bytes)} each")
+
+
+def device_memory(device: jax.Device) -> float:
+  """Usable bytes of one device: the allocator's limit, or the host's RAM split over CPU devices."""
+  stats = device.memory_stats() if hasattr(device, "memory_stats") else None
+  if stats and stats.get("bytes_limit"):
+    return float(stats["bytes_limit"])
+  host = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+  return host / max(1, len([d for d in jax.local_devices() if d.platform == device.platform]))
+
+
+def mesh_sizes(mesh_cfg: Any, devices: int) -> tuple[int, int] | str:
+  """(data, fsdp) of the config on `devices`, or the one-line problem."""
+  data, fsdp = mesh_cfg["data"], mesh_cfg["fsdp"]
+  if [data, fsdp].count(-1) > 1:
+    return f"mesh.data={data}, mesh.fsdp={fsdp}: at most one may be -1 (the remaining devices)"
+  known = math.prod(s for s in (data, fsdp) if s != -1)
+  if known < 1 or devices % known:
+    return (f"mesh.data={data} x mesh.fsdp={fsdp} does not divide the {devices} device(s): "
+            f"choose sizes whose product divides {devices}")
+  data = devices // known if data == -1 else data
+  fsdp = devices // known if fsdp == -1 else fsdp
+  if data * fsdp != devices:
+    return (f"mesh.data={data} x mesh.fsdp={fsdp} = {data * fsdp} devices, this host has "
+            f"{devices}: set one of them to -1")
+  return data, fsdp
+
+
+def _config_problems(config: ml_collections.ConfigDict, purpose: str, init_exists: bool
+                     ) -> list[str]:
+  problems = []
+  if config.seconds < SECONDS_PER_SEGMENT or config.seconds % SECONDS_PER_SEGMENT:
+    problems.append(f"seconds={config.seconds}: a video is whole {SECONDS_PER_SEGMENT}-second "
+                    f"segments; use a multiple of {SECONDS_PER_SEGMENT} (3, 9, 18, 30, 63)")
+  if config.data.name not in pipeline.DATASETS:
+    problems.append(f"data.name={config.data.name!r} does not exist; known datasets: "
+                    f"{', '.join(pipeline.DATASETS)}")
+  try:
+    codec = make_codec(config.data.codec)
+    patch = dit.VARIANTS[config.model.variant].get("patch_size", 2)
+    step = codec.spatial_factor * patch
+    for key in ("height", "width"):
+      if config.data[key] % step:
+        problems.append(f"data.{key}={config.data[key]} is not a multiple of {step} (codec "
+                        f"{codec.spatial_factor}x times patch {patch}); use e.g. "
+                        f"{max(step, config.data[key] // step * step)}")
+  except ValueError as e:
+    problems.append(f"data.codec / model.variant: {e}")
+  if config.model.variant not in dit.VARIANTS:
+    problems.append(f"model.variant={config.model.variant!r} is unknown; known: "
+                    f"{', '.join(dit.VARIANTS)}")
+  if purpose == "train":
+    frozen = config.optim.lr.other == 0
+    if frozen and not config.init_from and not config.model.pretrained:
+      problems.append(
+          "optim.lr.other=0 freezes the base weights (a later stage trains only attention q/k/v/o "
+          "and TTT), but neither init_from nor model.pretrained is set, so the zero-initialised "
+          "output layer could never learn; pass --config.init_from=<the previous stage's "
+          "workdir>, or run every stage with python -m ttt_jax.curriculum")
+    if config.init_from and init_exists:
+      ckpt = pathlib.Path(config.init_from) / "checkpoints"
+      if not ckpt.is_dir() or not any(p.name.isdigit() for p in ckpt.iterdir()):
+        problems.append(f"init_from={config.init_from}: no checkpoint in {ckpt}; train the "
+                        f"previous stage there first, or fix the path")
+    if config.model.pretrained:
+      try:
+        convert.pretrained_architecture(config.model.pretrained)
+      except (FileNotFoundError, ValueError) as e:
+        problems.append(f"model.pretrained={config.model.pretrained}: {e}; convert CogVideoX "
+                        f"with python -m ttt_jax.convert cogvideox --src=DIR --dst=OUT")
+  return problems
+
+
+def estimate_memory(config: ml_collections.ConfigDict, purpose: str, data: int, fsdp: int
+                    ) -> MemoryEstimate:
+  """Bytes per device of `purpose` under a (data, fsdp) mesh; nothing is allocated."""
+  model = nnx.eval_shape(lambda: dit.build(config.model, text_dim=config.data.text_dim,
+                                           rngs=nnx.Rngs(0)))
+  leaves = jax.tree_util.tree_leaves_with_path(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+  groups = [optim.param_group(path) for path, _ in leaves]
+  sizes = [int(np.prod(x.shape)) for _, x in leaves]
+  params = sum(n * x.dtype.itemsize for n, (_, x) in zip(sizes, leaves)) / fsdp
+  training = purpose == "train"
+  trainable = sum(n for n, g in zip(sizes, groups) if config.optim.lr[g] > 0) if training else 0
+  gradients = 4.0 * sum(sizes) / fsdp if training else 0.0
+  optimizer = 2 * 4.0 * trainable / fsdp
+
+  codec = make_codec(config.data.codec)
+  layout = pipeline.video_layout(config.data, config.seconds, codec, model.patch_size)
+  per_device = max(1, math.ceil(config.train.batch_size / (data * fsdp))) if training else 2
+  act = np.dtype(config.model.dtype).itemsize
+  L, D, depth = layout.seq_len, model.width, model.depth
+  S, Lw = layout.attention_windows.index.shape
+  heads = dit.VARIANTS[config.model.variant]["num_heads"]
+  block = BLOCK_WORKING_SET * L * D * act + S * heads * Lw * Lw * 4  # + fp32 attention scores
+  if training:
+    saved = depth * L * D * act if config.model.remat_policy != "none" else depth * block
+    activations = per_device * (saved + block)
+  else:  # sampling: one block live at a time, cond + uncond batched by CFG
+    activations = per_device * block
+  device = jax.devices()[0]
+  return MemoryEstimate(params, gradients, optimizer, activations, device_memory(device),
+                        jax.device_count(), device.platform)
+
+
+def check(config: ml_collections.ConfigDict, purpose: str = "train", *,
+          force: bool = False, init_exists: bool = True) -> MemoryEstimate | None:
+  """Raises PreflightError listing every problem; returns the memory estimate if it ran.
+
+  init_exists=False skips looking for init_from's checkpoint (the curriculum
+  checks every stage before the earlier ones have written theirs).
+  """
+  if purpose not in PURPOSES:
+    raise ValueError(f"preflight purpose must be one of {PURPOSES}, got {purpose!r}")
+  problems = _config_problems(config, purpose, init_exists)
+  sizes = mesh_sizes(config.mesh, jax.device_count())
+  if isinstance(sizes, str):
+    problems.append(sizes)
+  elif purpose == "train" and config.train.batch_size % (sizes[0] * sizes[1]):
+    problems.append(f"train.batch_size={config.train.batch_size} is not divisible by the "
+                    f"{sizes[0] * sizes[1]} devices of mesh data={sizes[0]} x fsdp={sizes[1]}; "
+                    f"use a multiple of {sizes[0] * sizes[1]}")
+  estimate = None
+  if not isinstance(sizes, str) and config.model.variant in dit.VARIANTS:
+    try:
+      estimate = estimate_memory(config, purpose, *sizes)
+    except ValueError:  # a shape problem, already named above
+      estimate = None
+  if estimate is not None:
+    if estimate.total > estimate.device_bytes and not force:
+      problems.append(f"{config.preset} preset, {config.seconds} s, {purpose}: "
+                      f"{estimate.summary()}; pass --force to run anyway")
+  if problems:
+    if config.preset == "paper":
+      problems.append(PAPER_HINT)
+    raise PreflightError("\n".join(problems))
+  return estimate
