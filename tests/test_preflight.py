@@ -8,7 +8,7 @@ import pytest
 
 from configs import common
 from tests.conftest import small_config
-from ttt_jax import preflight
+from ttt_jax import curriculum, preflight, sample
 
 
 def problems(cfg, purpose="train", **kw) -> list[str]:
@@ -97,3 +97,24 @@ def test_batch_must_divide_over_the_mesh(monkeypatch):
   [line, *_] = problems(cfg)
   assert line == ("train.batch_size=2 is not divisible by the 4 devices of mesh data=4 x "
                   "fsdp=1; use a multiple of 4")
+
+
+def test_curriculum_checks_every_stage_before_training(tmp_path):
+  """A bad 9 s stage is refused before the 3 s stage spends any time."""
+  configs = tmp_path / "configs"
+  configs.mkdir()
+  for seconds, edit in ((3, ""), (9, "  c.data.height = 40\n")):
+    (configs / f"tom_jerry_{seconds}s.py").write_text(
+        "from configs import common\n\n\ndef get_config(arg=None):\n"
+        f"  c = common.get_config({seconds}, arg)\n{edit}  return c\n")
+  with pytest.raises(preflight.PreflightError, match="data.height=40 is not a multiple of 16"):
+    curriculum.run("tiny", tmp_path / "run", [3, 9], config_dir=configs)
+  assert not (tmp_path / "run").exists()
+
+
+def test_sampler_runs_preflight_first(tmp_path):
+  cfg = small_config()
+  cfg.data.width = 50
+  (tmp_path / "config.json").write_text(cfg.to_json())
+  with pytest.raises(preflight.PreflightError, match="data.width=50"):
+    sample.sample_video(tmp_path, ["a cat", "a dog"])  # no checkpoint needed to be refused

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import pathlib
-from typing import Any
 
 import imageio.v3 as iio
 import imageio_ffmpeg

@@ -216,8 +216,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
               f"step {done}: {bad} is not finite; stopped without saving this step; "
               + (f"the last checkpoint (step {saved}) in {workdir / 'checkpoints'} is intact"
                  if saved else "no checkpoint was saved yet")
-              + f"; lower optim.lr "
-              f"or optim.grad_clip, or set --config.train.nonfinite=skip to skip such steps")
+              + "; lower optim.lr or optim.grad_clip, or set --config.train.nonfinite=skip to "
+              "skip such steps")
         skipped += 1
         logging.warning("step %d: %s is not finite; update skipped (%d so far)", done, bad, skipped)
       else:
