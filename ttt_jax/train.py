@@ -194,51 +194,69 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
       model, optimizer)
   lr = {g: optim.learning_rate(config.optim, g) for g in optim.GROUPS}
   tokens_per_step = config.train.batch_size * layout.seq_len
-  window, times, compile_s, skipped, saved = [], [], None, 0, start
+  # Step outputs stay on the device until a log, checkpoint or signal point (no per-step
+  # sync, so dispatch overlaps compute); they are then checked for NaN/inf in step order,
+  # always before anything is saved.
+  pending, window, skipped, saved = [], [], 0, start
+  compile_s = t_window = None
+  timed_steps = 0  # steps in the current timing window (after the compile step)
+
+  def drain() -> None:
+    nonlocal skipped
+    for done_i, out in jax.device_get(pending):
+      if out["finite"]:
+        window.append(out)
+        continue
+      bad = ", ".join(f"{k}={float(out[k])}" for k in ("loss", "grad_norm"))
+      if config.train.nonfinite == "stop":
+        ckpt.close()  # pending saves finish: the last checkpoint before this step is intact
+        raise NonFiniteError(
+            f"step {done_i}: {bad} is not finite; stopped without saving it; "
+            + (f"the last checkpoint (step {saved}) in {workdir / 'checkpoints'} is intact"
+               if saved else "no checkpoint was saved yet")
+            + "; lower optim.lr or optim.grad_clip, or set --config.train.nonfinite=skip to "
+            "skip such steps")
+      skipped += 1
+      logging.warning("step %d: %s is not finite; update skipped (%d so far)", done_i, bad, skipped)
+    pending.clear()
+
   bar = tqdm.trange(start, config.train.steps, initial=start, total=config.train.steps,
                     desc=f"{config.seconds}s stage", disable=not lead)
   with _SigtermFlag() as sigterm:
     for step in bar:
       batch = mesh_lib.global_batch(next(data_iter), mesh)
       t0 = time.perf_counter()
-      out = jax.device_get(step_fn(batch, jax.random.fold_in(rng, step)))
-      seconds = time.perf_counter() - t0
-      if compile_s is None:
-        compile_s = seconds  # the first call of this process: compile + one step
-      else:
-        times.append(seconds)
+      pending.append((step + 1, step_fn(batch, jax.random.fold_in(rng, step))))
       done = step + 1
-      if not out["finite"]:
-        bad = ", ".join(f"{k}={float(out[k])}" for k in ("loss", "grad_norm"))
-        if config.train.nonfinite == "stop":
-          ckpt.close()  # pending saves finish: the last checkpoint before this step is intact
-          raise NonFiniteError(
-              f"step {done}: {bad} is not finite; stopped without saving this step; "
-              + (f"the last checkpoint (step {saved}) in {workdir / 'checkpoints'} is intact"
-                 if saved else "no checkpoint was saved yet")
-              + "; lower optim.lr or optim.grad_clip, or set --config.train.nonfinite=skip to "
-              "skip such steps")
-        skipped += 1
-        logging.warning("step %d: %s is not finite; update skipped (%d so far)", done, bad, skipped)
+      if compile_s is None:  # the first call of this process: compile + one step
+        drain()
+        compile_s = time.perf_counter() - t0
+        t_window = time.perf_counter()
       else:
-        window.append(out)
-      if done % config.train.log_every == 0 or done == config.train.steps:
+        timed_steps += 1
+      log = done % config.train.log_every == 0 or done == config.train.steps
+      save = done % config.train.ckpt_every == 0 or done == config.train.steps
+      preempted = sigterm.any_process()
+      if log or save or preempted:
+        drain()
+      if log:
         row = {k: float(np.mean([o[k] for o in window])) if window else float("nan")
                for k in ("loss", "grad_norm")}
-        s_per_step = float(np.mean(times)) if times else compile_s
+        now = time.perf_counter()
+        s_per_step = (now - t_window) / timed_steps if timed_steps else compile_s
         row.update({f"lr_{g}": float(s(step)) for g, s in lr.items()},
                    s_per_step=s_per_step, tokens_per_s=tokens_per_step / s_per_step,
                    compile_s=compile_s, skipped_steps=skipped)
         if writer:
           writer.write(done, **row)  # means over the steps since the last log line
-        window, times = [], []
+        window, timed_steps, t_window = [], 0, now
         bar.set_postfix(loss=f"{row['loss']:.4f}")
-      if sigterm.any_process():
+      if preempted:
         ckpt.save(done, model, optimizer, rng, data_iter.get_state())
         ckpt.close()
         raise Preempted(f"SIGTERM at step {done}: saved a checkpoint of step {done} in "
                         f"{workdir / 'checkpoints'}; the same command resumes from it")
-      if done % config.train.ckpt_every == 0 or done == config.train.steps:
+      if save:
         ckpt.save(done, model, optimizer, rng, data_iter.get_state())
         saved = done
   ckpt.close()
