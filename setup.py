@@ -25,12 +25,13 @@ setup(
         "matplotlib>=3.8",
         "imageio>=2.34",
         "imageio-ffmpeg>=0.5",
-        "safetensors>=0.4",  # reading pretrained diffusers weights (ttt_jax.convert)
+        "safetensors>=0.4",  # reading pretrained weights (ttt_jax.weights)
+        "sentencepiece>=0.2",  # the T5 tokenizer
     ],
     extras_require={
         # Parity references, built from tiny configs offline. torch is pinned: the CPU
         # wheel of this version is what the CI machines carry (a plain "torch" pulls CUDA).
         "test": ["pytest>=8.0", "pytest-xdist>=3.5", "ipython>=8.0", "torch==2.13.0",
-                 "diffusers>=0.32", "transformers>=4.46", "sentencepiece>=0.2"],
+                 "diffusers>=0.32", "transformers>=4.46"],
     },
 )

@@ -10,8 +10,8 @@ parameters in the scanned-layer layout (every block's tensors stacked on a
 leading [depth] axis), in the source dtype, plus `model.json` with the
 architecture. It is written to a temporary folder and renamed when complete.
 
-Tensors are read one at a time with `safetensors.safe_open` and written
-into their place in the stacked arrays, so converting needs about the
+Tensors are read one at a time (`ttt_jax.weights`) and written into
+their place in the stacked arrays, so converting needs about the
 weights' size in memory (CogVideoX-5B: 11 GB in bf16), not twice that.
 
 Python API:
@@ -24,21 +24,19 @@ Python API:
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import pathlib
 import shutil
 import tempfile
-from typing import Any, Callable, Iterable, Iterator, Mapping
+from typing import Any, Iterable, Iterator, Mapping
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
-import safetensors
-import tqdm
 from absl import app, flags
 from flax import nnx
 
+from ttt_jax.weights import Entry, SafetensorsCheckpoint, same, stream, transposed
 from ttt_jax.models import dit
 
 MODEL_JSON = "model.json"
@@ -109,33 +107,8 @@ def architecture(cfg: Mapping[str, Any]) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------- key mapping ----
-@dataclasses.dataclass(frozen=True)
-class Entry:
-  """One VideoDiT parameter and the diffusers tensor(s) it comes from.
-
-  `source` has a `{i}` for per-block tensors, which stack on a leading
-  [depth] axis in block order; `source_shape` is one such tensor's shape.
-  """
-  target: tuple[str, ...]
-  source: str
-  source_shape: tuple[int, ...]
-  transform: Callable[[np.ndarray], np.ndarray]
-
-  @property
-  def per_block(self) -> bool:
-    return "{i}" in self.source
-
-
-def _transposed(w: np.ndarray) -> np.ndarray:  # torch Linear [out, in] -> kernel [in, out]
-  return w.T
-
-
 def _conv_patch(w: np.ndarray) -> np.ndarray:  # Conv2d [D, C, p, p] -> kernel [C*p*p, D]
   return w.reshape(w.shape[0], -1).T
-
-
-def _same(w: np.ndarray) -> np.ndarray:
-  return w
 
 
 def cogvideox_entries(arch: Mapping[str, Any]) -> list[Entry]:
@@ -144,18 +117,18 @@ def cogvideox_entries(arch: Mapping[str, Any]) -> list[Entry]:
   C, p, hd = arch["latent_channels"], arch["patch_size"], arch["width"] // arch["num_heads"]
 
   def linear(target, source, n_in, n_out):
-    return [Entry((*target, "kernel"), f"{source}.weight", (n_out, n_in), _transposed),
-            Entry((*target, "bias"), f"{source}.bias", (n_out,), _same)]
+    return [Entry((*target, "kernel"), f"{source}.weight", (n_out, n_in), transposed),
+            Entry((*target, "bias"), f"{source}.bias", (n_out,), same)]
 
   def norm(target, source, n):
-    return [Entry((*target, "scale"), f"{source}.weight", (n,), _same),
-            Entry((*target, "bias"), f"{source}.bias", (n,), _same)]
+    return [Entry((*target, "scale"), f"{source}.weight", (n,), same),
+            Entry((*target, "bias"), f"{source}.bias", (n,), same)]
 
   blk = lambda name: ("blocks", *name.split("/"))
   src = lambda name: f"transformer_blocks.{{i}}.{name}"
   return [
       Entry(("patch_embed", "kernel"), "patch_embed.proj.weight", (D, C, p, p), _conv_patch),
-      Entry(("patch_embed", "bias"), "patch_embed.proj.bias", (D,), _same),
+      Entry(("patch_embed", "bias"), "patch_embed.proj.bias", (D,), same),
       *linear(("text_proj",), "patch_embed.text_proj", arch["text_dim"], D),
       *linear(("time_in",), "time_embedding.linear_1", D, E),
       *linear(("time_out",), "time_embedding.linear_2", E, E),
@@ -175,51 +148,6 @@ def cogvideox_entries(arch: Mapping[str, Any]) -> list[Entry]:
 
 
 # ------------------------------------------------------------- streaming ----
-class SafetensorsCheckpoint:
-  """Every tensor of a (sharded) safetensors checkpoint, read lazily by key."""
-
-  def __init__(self, directory: pathlib.Path):
-    index = sorted(directory.glob("*.safetensors.index.json"))
-    if index:
-      weight_map = json.loads(index[0].read_text())["weight_map"]
-      files = sorted({directory / f for f in weight_map.values()})
-      missing = [str(f) for f in files if not f.is_file()]
-      if missing:
-        raise FileNotFoundError(f"{index[0]} names shard files that do not exist: {missing}")
-    else:
-      files = sorted(directory.glob("*.safetensors"))
-    if not files:
-      raise FileNotFoundError(f"{directory}: no *.safetensors files")
-    self.directory = directory
-    self.files: dict[str, pathlib.Path] = {}
-    self.shapes: dict[str, tuple[int, ...]] = {}
-    for file in files:
-      with safetensors.safe_open(file, framework="numpy") as f:
-        for key in f.keys():
-          self.files[key] = file
-          self.shapes[key] = tuple(f.get_slice(key).get_shape())
-
-  def get(self, key: str) -> np.ndarray:
-    # Opened per tensor: safe_open maps the whole file, and a mapping kept open
-    # would keep every page read so far resident (the weights' size again).
-    with safetensors.safe_open(self.files[key], framework="numpy") as f:
-      return f.get_tensor(key)
-
-  def check(self, entries: list[Entry], depth: int) -> None:
-    """One ValueError naming every unmatched, missing and wrong-shape key, or nothing."""
-    expected = {e.source.format(i=i): e.source_shape
-                for e in entries for i in (range(depth) if e.per_block else [None])}
-    source = set(self.files)
-    problems = [f"unmatched (not a parameter of this CogVideoX config): {k} {self.shapes[k]} "
-                f"in {self.files[k].name}" for k in sorted(source - set(expected))]
-    problems += [f"missing: {k} (expected shape {expected[k]})" for k in sorted(set(expected) - source)]
-    problems += [f"wrong shape: {k} in {self.files[k].name} is {self.shapes[k]}, expected {expected[k]}"
-                 for k in sorted(source & set(expected)) if self.shapes[k] != expected[k]]
-    if problems:
-      raise ValueError(f"{len(problems)} bad key(s) in the CogVideoX checkpoint {self.directory} "
-                       f"(config.json: depth {depth}):\n  " + "\n  ".join(problems))
-
-
 def stream_cogvideox(path: str | pathlib.Path, *, progress: bool = False
                      ) -> tuple[dict[str, Any], Iterator[tuple[tuple[str, ...], np.ndarray]]]:
   """(architecture, iterator of (parameter path, array in the source dtype)).
@@ -232,22 +160,9 @@ def stream_cogvideox(path: str | pathlib.Path, *, progress: bool = False
   arch = architecture(read_diffusers_config(directory))
   ckpt = SafetensorsCheckpoint(directory)
   entries = cogvideox_entries(arch)
-  ckpt.check(entries, arch["depth"])
-
-  def arrays():
-    for e in tqdm.tqdm(entries, desc="converting CogVideoX", disable=not progress):
-      if not e.per_block:
-        yield e.target, np.ascontiguousarray(e.transform(ckpt.get(e.source)))
-        continue
-      out = None
-      for i in range(arch["depth"]):
-        tensor = e.transform(ckpt.get(e.source.format(i=i)))
-        if out is None:
-          out = np.empty((arch["depth"], *tensor.shape), tensor.dtype)
-        out[i] = tensor
-      yield e.target, out
-
-  return arch, arrays()
+  ckpt.check(entries, arch["depth"], what="CogVideoX")
+  return arch, stream(ckpt, entries, arch["depth"], desc="converting CogVideoX",
+                              progress=progress)
 
 
 def _nested(flat: Mapping[tuple[str, ...], Any]) -> dict[str, Any]:

@@ -21,7 +21,7 @@ def test_interface_and_factory(encoder):
   assert isinstance(encoder, TextEncoder) and encoder.dim == DIM
   built = make_text_encoder("toy", dim=DIM, vocab_size=4096)
   np.testing.assert_array_equal(built.encode(CAPTIONS, 8)[0], encoder.encode(CAPTIONS, 8)[0])
-  with pytest.raises(ValueError, match="known encoders: toy"):
+  with pytest.raises(ValueError, match="known encoders: t5, toy"):
     make_text_encoder("t5-xxl")
   with pytest.raises(ValueError, match="even"):
     ToyTextEncoder(dim=33)

@@ -3,19 +3,21 @@
 CogVideoX conditions on T5-XXL encoder states (4096-d per token, a fixed
 number of tokens per caption). Every encoder here returns, for N captions,
 
-    emb  float32 [N, max_len, dim]   per-token embeddings, zero at padding
+    emb  float32 [N, max_len, dim]   per-token embeddings
     mask bool    [N, max_len]        True at real tokens
 
 with each caption truncated or padded to max_len, since the model gives every
-segment a fixed text length. The empty caption "" is the null caption of
-classifier-free guidance and encodes to pure padding. The DiT's trainable
-text projection maps `dim` to its width, so encoders can be swapped by name
-through `make_text_encoder`.
+segment a fixed text length. The toy encoder gives zeros at padding; T5
+gives what CogVideoX's pipeline feeds its transformer: the encoder runs over
+the padded sequence with no attention mask, so pads carry the values the
+model computes for them. The DiT's trainable text projection maps `dim` to
+its width, so encoders can be swapped by name through `make_text_encoder`.
 """
 
 from __future__ import annotations
 
 import abc
+import pathlib
 import re
 import zlib
 from typing import Any, Callable, Sequence
@@ -23,6 +25,10 @@ from typing import Any, Callable, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+import sentencepiece
+from flax import nnx
+
+from ttt_jax.models.t5 import load_t5_encoder
 
 Array = jax.Array
 
@@ -95,7 +101,50 @@ class ToyTextEncoder(TextEncoder):
     return jnp.asarray(emb), jnp.asarray(mask)
 
 
-TEXT_ENCODERS: dict[str, Callable[..., TextEncoder]] = {"toy": ToyTextEncoder}
+class T5TextEncoder(TextEncoder):
+  """T5 v1.1 encoder + its sentencepiece tokenizer, as the CogVideoX pipeline uses them.
+
+  `path`: a diffusers pipeline root holding `text_encoder/` (transformers
+  T5EncoderModel: config.json + safetensors) and `tokenizer/spiece.model`.
+  A caption becomes its sentencepiece ids, truncated to max_len - 1, then
+  </s>, then pad ids up to max_len; the encoder sees all max_len positions
+  with no attention mask.
+  """
+
+  PAD, EOS = 0, 1  # T5's ids
+
+  def __init__(self, path: str | pathlib.Path, dim: int | None = None):
+    root = pathlib.Path(path)
+    spiece = root / "tokenizer" / "spiece.model"
+    if not spiece.is_file():
+      raise FileNotFoundError(f"{root}: no tokenizer/spiece.model (expected a CogVideoX pipeline "
+                              f"root with text_encoder/ and tokenizer/)")
+    self.tokenizer = sentencepiece.SentencePieceProcessor(model_file=str(spiece))
+    self.model = load_t5_encoder(root / "text_encoder")
+    self.dim = self.model.cfg.d_model
+    if dim is not None and dim != self.dim:
+      raise ValueError(f"data.text_dim={dim} but the T5 encoder in {root} is {self.dim}-d")
+    graph, state = nnx.split(self.model)
+    forward = jax.jit(lambda state, ids: nnx.merge(graph, state)(ids))
+    self._forward = lambda ids: forward(state, ids)
+
+  def token_ids(self, captions: Sequence[str], max_len: int) -> np.ndarray:
+    """[N, max_len] int32: ids[:max_len - 1] + </s>, padded."""
+    ids = np.full((len(captions), max_len), self.PAD, np.int32)
+    for n, caption in enumerate(captions):
+      tokens = self.tokenizer.encode(caption)[:max_len - 1] + [self.EOS]
+      ids[n, :len(tokens)] = tokens[:max_len]
+    return ids
+
+  def encode(self, captions: Sequence[str], max_len: int) -> tuple[Array, Array]:
+    if isinstance(captions, str):
+      raise TypeError("captions must be a sequence of strings, got a single str")
+    ids = self.token_ids(captions, max_len)
+    return self._forward(jnp.asarray(ids)), jnp.asarray(ids != self.PAD)
+
+
+TEXT_ENCODERS: dict[str, Callable[..., TextEncoder]] = {"toy": ToyTextEncoder,
+                                                         "t5": T5TextEncoder}
 
 
 def make_text_encoder(name: str, **kwargs: Any) -> TextEncoder:
