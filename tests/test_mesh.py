@@ -102,7 +102,9 @@ _SHARDED_SCRIPT = textwrap.dedent("""
                                      text_dropout=0.5))
 
     def run(model, optimizer, batch):
-      losses = [float(step(model, optimizer, batch, jax.random.key(i))["loss"]) for i in range(2)]
+      null = np.zeros(batch["text"].shape[1:], np.float32)  # the toy encoder's ""
+      losses = [float(step(model, optimizer, batch, jax.random.key(i), null)["loss"])
+                for i in range(2)]
       return losses, nnx.to_pure_dict(nnx.state(model, nnx.Param))
 
     # Sharded: data=2 x fsdp=2, exactly as train.train places state and batches.

@@ -131,7 +131,8 @@ def test_text_dropout_is_applied_in_the_loss(loss_setup, p):
                                    schedule=NoiseSchedule.create(num_steps=1000),
                                    text_dropout=p))
   rng = jax.random.key(3)
-  a, b, null = (float(loss(model, {"latents": latents, "text": t}, rng)) for t in texts)
+  zeros = np.zeros_like(texts[0][0])  # the toy encoder's null caption
+  a, b, null = (float(loss(model, {"latents": latents, "text": t}, rng, zeros)) for t in texts)
   if p == 1.0:  # every caption replaced by the null (zero) caption: text cannot matter
     assert a == b == null
   else:

@@ -82,7 +82,8 @@ def sample_video(workdir: str | pathlib.Path, captions: list[str], *, steps: int
                                  model.patch_size)
 
   cond = jnp.asarray(pipeline.encode_captions(captions, text_encoder, config.data.text_len))[None]
-  uncond = jnp.zeros_like(cond)  # the null caption of CFG text dropout
+  # The null caption, as text dropout used it in training: the encoding of "".
+  uncond = jnp.asarray(pipeline.null_caption(text_encoder, len(captions), config.data.text_len))[None]
   shape = (1, *codec.latent_shape(codec.num_frames(layout.num_frames),
                                   config.data.height, config.data.width))
   k_noise, k_sde = jax.random.split(jax.random.key(seed))

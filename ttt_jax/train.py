@@ -49,24 +49,27 @@ class NonFiniteError(RuntimeError):
 class Preempted(RuntimeError):
   """SIGTERM arrived; a checkpoint of the current step was saved first."""
 
-def loss_fn(model: dit.VideoDiT, batch: dict[str, jax.Array], rng: jax.Array, *,
-            layout: VideoLayout, schedule: NoiseSchedule, text_dropout: float) -> jax.Array:
-  """v-prediction loss of one batch: random timestep, noise and caption dropout."""
+def loss_fn(model: dit.VideoDiT, batch: dict[str, jax.Array], rng: jax.Array,
+            null_text: jax.Array, *, layout: VideoLayout, schedule: NoiseSchedule,
+            text_dropout: float) -> jax.Array:
+  """v-prediction loss of one batch: random timestep, noise and caption dropout (to
+  null_text [Lt, Dt], the encoding of "")."""
   latents, text = batch["latents"], batch["text"]  # [B, T, h, w, C], [B, Lt, Dt]
   k_t, k_noise, k_drop = jax.random.split(rng, 3)
   t = sample_timesteps(k_t, latents.shape[0], schedule)
   noise = jax.random.normal(k_noise, latents.shape, latents.dtype)
-  text = drop_text(k_drop, text, text_dropout)
+  text = drop_text(k_drop, text, text_dropout, null_text)
   v_pred = model(schedule.add_noise(latents, noise, t), text, t, layout)
   return v_prediction_loss(v_pred, latents, noise, t, schedule).mean()
 
 
 def train_step(model: dit.VideoDiT, optimizer: nnx.Optimizer, batch: dict[str, jax.Array],
-               rng: jax.Array, *, optim_cfg: Mapping[str, Any], skip_nonfinite: bool = False,
+               rng: jax.Array, null_text: jax.Array, *, optim_cfg: Mapping[str, Any], skip_nonfinite: bool = False,
                **loss_kw: Any) -> dict[str, jax.Array]:
   """One update; with skip_nonfinite a step whose loss or grad norm is not finite changes
   nothing (parameters and optimizer state keep their values)."""
-  loss, grads = nnx.value_and_grad(functools.partial(loss_fn, **loss_kw))(model, batch, rng)
+  loss, grads = nnx.value_and_grad(functools.partial(loss_fn, **loss_kw))(
+      model, batch, rng, null_text)
   # The norm the clip acts on: frozen groups' gradients are dropped before it.
   grad_norm = optim.trainable_grad_norm(optim_cfg, grads)
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
@@ -164,6 +167,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
   # --------------------------------------------------------- model & optimizer
   model = dit.build(config.model, text_dim=config.data.text_dim, rngs=nnx.Rngs(config.seed))
   layout = pipeline.video_layout(config.data, config.seconds, codec, model.patch_size)
+  null_text = jax.device_put(pipeline.null_caption(text_encoder, layout.num_segments,
+                                                   config.data.text_len))
   if config.model.pretrained:
     convert.load_pretrained(config.model.pretrained, model)
     logging.warning("initialised CogVideoX weights from %s", config.model.pretrained)
@@ -226,7 +231,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
     for step in bar:
       batch = mesh_lib.global_batch(next(data_iter), mesh)
       t0 = time.perf_counter()
-      pending.append((step + 1, step_fn(batch, jax.random.fold_in(rng, step))))
+      pending.append((step + 1, step_fn(batch, jax.random.fold_in(rng, step), null_text)))
       done = step + 1
       if compile_s is None:  # the first call of this process: compile + one step
         drain()

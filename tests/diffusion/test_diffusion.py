@@ -226,20 +226,21 @@ def test_sample_timesteps():
 
 def test_drop_text():
   B, L, D = 4000, 3, 4
-  emb = jax.random.normal(jax.random.PRNGKey(3), (B, L, D)) + 5.0  # never 0
+  emb = jax.random.normal(jax.random.PRNGKey(3), (B, L, D)) + 5.0  # never near the null
+  null = -jnp.arange(L * D, dtype=jnp.float32).reshape(L, D)  # e.g. T5(""), not zeros
   rng = jax.random.PRNGKey(4)
-  np.testing.assert_array_equal(drop_text(rng, emb, 0.0), emb)
-  np.testing.assert_array_equal(drop_text(rng, emb, 1.0), 0.0)
-  out = drop_text(rng, emb, 0.5)
-  dropped = np.all(np.asarray(out) == 0, axis=(1, 2))
+  np.testing.assert_array_equal(drop_text(rng, emb, 0.0, null), emb)
+  np.testing.assert_array_equal(drop_text(rng, emb, 1.0, null), jnp.broadcast_to(null, emb.shape))
+  out = drop_text(rng, emb, 0.5, null)
+  dropped = np.all(np.asarray(out) == np.asarray(null), axis=(1, 2))
   kept = np.all(np.asarray(out) == np.asarray(emb), axis=(1, 2))
   assert np.all(dropped ^ kept)  # whole examples, never partial
   # Binomial(4000, 0.5): standard error 0.0079 of the fraction.
   assert abs(dropped.mean() - 0.5) < 0.035
-  np.testing.assert_array_equal(drop_text(rng, emb, 0.5), out)
-  other = drop_text(jax.random.PRNGKey(5), emb, 0.5)
+  np.testing.assert_array_equal(drop_text(rng, emb, 0.5, null), out)
+  other = drop_text(jax.random.PRNGKey(5), emb, 0.5, null)
   assert np.any(np.asarray(other) != np.asarray(out))
-  out_jit = jax.jit(drop_text, static_argnums=2)(rng, emb, 0.5)
+  out_jit = jax.jit(drop_text, static_argnums=2)(rng, emb, 0.5, null)
   np.testing.assert_array_equal(out_jit, out)
 
 

@@ -9,6 +9,7 @@ mask. Tolerance 1e-4 relative to the output's max in fp32.
 
 from __future__ import annotations
 
+import copy
 import io
 
 import numpy as np
@@ -18,6 +19,7 @@ import torch
 from flax import nnx
 from transformers import T5Config, T5EncoderModel, T5Tokenizer
 
+from ttt_jax.data import pipeline
 from ttt_jax.models import t5
 from ttt_jax.models.text import make_text_encoder
 
@@ -92,8 +94,8 @@ def test_bad_folders_are_named(pipeline_root, tmp_path):
 
 def test_sharded_bf16_checkpoint_streams_to_the_same_weights(pipeline_root, tmp_path):
   root, ref = pipeline_root
-  ref.to(torch.bfloat16).save_pretrained(tmp_path, safe_serialization=True, max_shard_size="20KB")
-  ref.to(torch.float32)
+  bf16 = copy.deepcopy(ref).to(torch.bfloat16)  # the fixture's model stays fp32
+  bf16.save_pretrained(tmp_path, safe_serialization=True, max_shard_size="20KB")
   assert len(list(tmp_path.glob("*.safetensors"))) > 2
   a = t5.load_t5_encoder(tmp_path)
   b = t5.load_t5_encoder(root / "text_encoder")
@@ -101,3 +103,17 @@ def test_sharded_bf16_checkpoint_streams_to_the_same_weights(pipeline_root, tmp_
                                nnx.to_flat_state(nnx.state(b, nnx.Param))):
     want = torch.from_numpy(np.asarray(y[...])).to(torch.bfloat16).float().numpy()
     np.testing.assert_array_equal(np.asarray(x[...]), want, err_msg=str(path))
+
+
+def test_null_caption_is_t5_of_the_empty_string(pipeline_root):
+  """CFG's null caption (training's text dropout and the sampler) is T5(""), per segment."""
+  root, ref = pipeline_root
+  encoder = make_text_encoder("t5", path=root)
+  null = pipeline.null_caption(encoder, num_segments=3, text_len=8)
+  _, want = reference(root, ref, [""], 8)
+  assert null.shape == (24, 32)
+  np.testing.assert_allclose(null.reshape(3, 8, 32), np.broadcast_to(want, (3, 8, 32)),
+                             rtol=1e-4, atol=1e-4 * np.abs(want).max())
+  assert np.abs(null).max() > 0.1  # not zeros: on the pretrained model's distribution
+  toy = pipeline.null_caption(make_text_encoder("toy", dim=16), 2, 4)
+  np.testing.assert_array_equal(toy, 0.0)  # the toy encoder's "" is pure padding

@@ -46,6 +46,12 @@ def encode_captions(captions: list[str], text_encoder: TextEncoder, text_len: in
   return np.asarray(emb).reshape(-1, emb.shape[-1])
 
 
+def null_caption(text_encoder: TextEncoder, num_segments: int, text_len: int) -> np.ndarray:
+  """The null caption of classifier-free guidance: the encoding of "" for every segment,
+  [S * text_len, dim] like a video's captions (zeros for the toy encoder, T5("") for T5)."""
+  return encode_captions([""] * num_segments, text_encoder, text_len)
+
+
 def _source(data_cfg: Mapping[str, Any], seconds: int):
   if data_cfg["name"] not in DATASETS:
     raise ValueError(f"unknown data.name {data_cfg['name']!r}; known: {DATASETS}")

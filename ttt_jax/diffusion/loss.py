@@ -49,14 +49,17 @@ def sample_timesteps(rng: Array, batch: int, schedule: NoiseSchedule) -> Array:
   return jax.random.randint(rng, (batch,), 0, schedule.num_steps, jnp.int32)
 
 
-def drop_text(rng: Array, text_emb: Array, p: float) -> Array:
-  """Replaces each example's text embedding [B, L, D] by zeros with probability p.
+def drop_text(rng: Array, text_emb: Array, p: float, null_text: Array) -> Array:
+  """Replaces each example's text embedding [B, L, D] by null_text [L, D] with probability p.
 
-  Zeros are the null caption the sampler's unconditional branch uses, so this
-  is what teaches the model the unconditional prediction that classifier-free
-  guidance needs (the public release configured it but never applied it).
+  null_text is the text encoder's encoding of "" (per segment), the null
+  caption the sampler's unconditional branch uses too, so this teaches the
+  model the unconditional prediction that classifier-free guidance needs (the
+  public release configured it but never applied it). For a pretrained
+  CogVideoX it must be T5(""), not zeros, to stay on its distribution.
   """
   batch = text_emb.shape[0]
   drop = jax.random.bernoulli(rng, p, (batch,))  # [B]
   drop = drop.reshape((batch,) + (1,) * (text_emb.ndim - 1))
-  return jnp.where(drop, jnp.zeros_like(text_emb), text_emb)
+  return jnp.where(drop, jnp.broadcast_to(null_text.astype(text_emb.dtype), text_emb.shape),
+                   text_emb)
