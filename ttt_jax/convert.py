@@ -34,7 +34,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import app, flags
-from flax import nnx
+from flax import nnx, traverse_util
 
 from ttt_jax.weights import Entry, SafetensorsCheckpoint, same, stream, transposed
 from ttt_jax.models import dit
@@ -161,18 +161,7 @@ def stream_cogvideox(path: str | pathlib.Path, *, progress: bool = False
   ckpt = SafetensorsCheckpoint(directory)
   entries = cogvideox_entries(arch)
   ckpt.check(entries, arch["depth"], what="CogVideoX")
-  return arch, stream(ckpt, entries, arch["depth"], desc="converting CogVideoX",
-                              progress=progress)
-
-
-def _nested(flat: Mapping[tuple[str, ...], Any]) -> dict[str, Any]:
-  tree: dict[str, Any] = {}
-  for path, value in flat.items():
-    node = tree
-    for key in path[:-1]:
-      node = node.setdefault(key, {})
-    node[path[-1]] = value
-  return tree
+  return arch, stream(ckpt, entries, arch["depth"], desc="converting CogVideoX", progress=progress)
 
 
 # ------------------------------------------------------------ converting ----
@@ -198,7 +187,7 @@ def convert_cogvideox(src: str | pathlib.Path, dst: str | pathlib.Path, *,
   if dst.exists():
     raise FileExistsError(f"{dst} already exists; remove it or choose another --dst")
   arch, arrays = stream_cogvideox(src, progress=progress)
-  params = _nested(dict(arrays))  # about the weights' size: the only full copy
+  params = traverse_util.unflatten_dict(dict(arrays))  # the weights' size: the only full copy
   dst.parent.mkdir(parents=True, exist_ok=True)
   tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
   try:
@@ -263,16 +252,17 @@ def _assign(model: dit.VideoDiT, arrays: Iterable[tuple[tuple[str, ...], Any]], 
 
 
 def _restore_converted(directory: pathlib.Path, model: dit.VideoDiT
-                       ) -> Iterator[tuple[tuple[str, ...], Any]]:
+                       ) -> Iterable[tuple[tuple[str, ...], Any]]:
   """The parameters of a converted checkpoint, restored (and cast) into the model's dtypes."""
   params = _model_params(model)
   with ocp.StandardCheckpointer() as checkpointer:
-    stored = [p for p, _ in _flatten(checkpointer.metadata(directory).item_metadata.tree)]
+    stored = list(traverse_util.flatten_dict(checkpointer.metadata(directory).item_metadata.tree))
     unknown = sorted("/".join(p) for p in stored if p not in params)
     if unknown:
       raise ValueError(f"{directory}: parameters this model does not have: {unknown}")
-    target = _nested({p: ocp.utils.to_shape_dtype_struct(params[p][...]) for p in stored})
-    return _flatten(checkpointer.restore(directory, target))
+    target = traverse_util.unflatten_dict(
+        {p: ocp.utils.to_shape_dtype_struct(params[p][...]) for p in stored})
+    return traverse_util.flatten_dict(checkpointer.restore(directory, target)).items()
 
 
 def load_pretrained(path: str | pathlib.Path, model: dit.VideoDiT) -> None:
@@ -290,15 +280,6 @@ def load_pretrained(path: str | pathlib.Path, model: dit.VideoDiT) -> None:
   else:  # a diffusers folder: converted on the fly
     arrays = stream_cogvideox(path)[1]
   _assign(model, arrays, str(path))
-
-
-def _flatten(tree: Mapping[str, Any], prefix: tuple[str, ...] = ()
-             ) -> Iterator[tuple[tuple[str, ...], Any]]:
-  for key, value in tree.items():
-    if isinstance(value, Mapping):
-      yield from _flatten(value, (*prefix, str(key)))
-    else:
-      yield (*prefix, str(key)), value
 
 
 def load_cogvideox(path: str | pathlib.Path, *, rngs: nnx.Rngs | None = None,

@@ -25,7 +25,7 @@ import ml_collections
 import numpy as np
 import tqdm
 from absl import app, flags, logging
-from flax import nnx
+from flax import nnx, traverse_util
 from ml_collections import config_flags
 
 from ttt_jax import checkpoint, convert, metrics, optim, preflight
@@ -89,9 +89,8 @@ def record_config(workdir: pathlib.Path, config: ml_collections.ConfigDict) -> N
   current = json.loads(config.to_json_best_effort())
   path = workdir / "config.json"
   if path.exists():
-    flatten = lambda d, pre="": {k2: v2 for k, v in d.items() for k2, v2 in (
-        flatten(v, f"{pre}{k}.").items() if isinstance(v, dict) else [(f"{pre}{k}", v)])}
-    old, new = flatten(json.loads(path.read_text())), flatten(current)
+    old = traverse_util.flatten_dict(json.loads(path.read_text()), sep=".")
+    new = traverse_util.flatten_dict(current, sep=".")
     changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
     if changed:
       logging.warning("config changed since the last run in %s: %s", workdir, ", ".join(
