@@ -118,3 +118,16 @@ def test_sampler_runs_preflight_first(tmp_path):
   (tmp_path / "config.json").write_text(cfg.to_json())
   with pytest.raises(preflight.PreflightError, match="data.width=50"):
     sample.sample_video(tmp_path, ["a cat", "a dog"])  # no checkpoint needed to be refused
+
+
+def test_unknown_variant_and_conflicting_inits_are_named(tmp_path):
+  cfg = small_config()
+  cfg.model.variant = "huge"
+  assert any(l.startswith("model.variant='huge' is unknown") for l in problems(cfg))
+  cfg = small_config()
+  cfg.model.pretrained, cfg.init_from = "/a", "/b"
+  assert any(l.startswith("set one of model.pretrained (/a) and init_from (/b)")
+             for l in problems(cfg))
+  cfg = small_config()
+  cfg.train.nonfinite = "ignore"
+  assert "train.nonfinite='ignore': choose 'stop' or 'skip'" in problems(cfg)

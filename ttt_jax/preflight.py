@@ -109,21 +109,27 @@ def _config_problems(config: ml_collections.ConfigDict, purpose: str, init_exist
   if config.data.name not in pipeline.DATASETS:
     problems.append(f"data.name={config.data.name!r} does not exist; known datasets: "
                     f"{', '.join(pipeline.DATASETS)}")
-  try:
-    codec = make_codec(config.data.codec)
-    patch = dit.VARIANTS[config.model.variant].get("patch_size", 2)
-    step = codec.spatial_factor * patch
-    for key in ("height", "width"):
-      if config.data[key] % step:
-        problems.append(f"data.{key}={config.data[key]} is not a multiple of {step} (codec "
-                        f"{codec.spatial_factor}x times patch {patch}); use e.g. "
-                        f"{max(step, config.data[key] // step * step)}")
-  except ValueError as e:
-    problems.append(f"data.codec / model.variant: {e}")
   if config.model.variant not in dit.VARIANTS:
     problems.append(f"model.variant={config.model.variant!r} is unknown; known: "
                     f"{', '.join(dit.VARIANTS)}")
+  else:
+    try:
+      codec = make_codec(config.data.codec)
+      patch = dit.VARIANTS[config.model.variant].get("patch_size", 2)
+      step = codec.spatial_factor * patch
+      for key in ("height", "width"):
+        if config.data[key] % step:
+          problems.append(f"data.{key}={config.data[key]} is not a multiple of {step} (codec "
+                          f"{codec.spatial_factor}x times patch {patch}); use e.g. "
+                          f"{max(step, config.data[key] // step * step)}")
+    except ValueError as e:
+      problems.append(f"data.codec={config.data.codec!r}: {e}")
   if purpose == "train":
+    if config.train.nonfinite not in ("stop", "skip"):
+      problems.append(f"train.nonfinite={config.train.nonfinite!r}: choose 'stop' or 'skip'")
+    if config.model.pretrained and config.init_from:
+      problems.append(f"set one of model.pretrained ({config.model.pretrained}) and init_from "
+                      f"({config.init_from}): both initialise the model")
     frozen = config.optim.lr.other == 0
     if frozen and not config.init_from and not config.model.pretrained:
       problems.append(

@@ -38,7 +38,6 @@ from ttt_jax.models.vae import make_codec
 from ttt_jax.parallel import mesh as mesh_lib
 
 FLAGS = flags.FLAGS
-NONFINITE = ("stop", "skip")
 PREEMPTED_EXIT = 128 + signal.SIGTERM  # what a shell reports for a SIGTERM'd process
 
 
@@ -145,11 +144,6 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
   step (train.nonfinite='stop'), Preempted after saving on SIGTERM.
   """
   workdir = pathlib.Path(workdir)
-  if config.train.nonfinite not in NONFINITE:
-    raise ValueError(f"train.nonfinite={config.train.nonfinite!r}: choose from {NONFINITE}")
-  if config.model.pretrained and config.init_from:
-    raise ValueError(f"set one of model.pretrained ({config.model.pretrained}) and init_from "
-                     f"({config.init_from}): both initialise the model")
   preflight.check(config, "train", force=force)  # before any data work or compile
   workdir.mkdir(parents=True, exist_ok=True)
   lead = jax.process_index() == 0  # one process writes config, metrics and plots
