@@ -8,21 +8,26 @@ axis into 16 channels,
 
     video   [B, 1 + 4n, H, W, 3]  <->  latents [B, 1 + n, H/8, W/8, 16].
 
-`ToyCodec` is the training-free stand-in used by the CPU pipeline; the real
-CogVideoX VAE implements the same `LatentCodec` interface and is picked by
-name through `make_codec`.
+`ToyCodec` is the training-free stand-in used by the CPU pipeline;
+`CogVideoXCodec` is the real CogVideoX VAE (`ttt_jax.models.cogvideox_vae`,
+loaded from diffusers weights), whose latents are the posterior mean times
+the VAE's scaling_factor, as the CogVideoX pipeline feeds its transformer.
+Both implement `LatentCodec` and are picked by name through `make_codec`.
 """
 
 from __future__ import annotations
 
 import abc
 import math
-from typing import Any, Callable
+import pathlib
+from typing import Any, Callable, Iterator
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+
+from ttt_jax.models.cogvideox_vae import ChunkedVAE, Tiling, load_cogvideox_vae
 
 Array = jax.Array
 
@@ -47,6 +52,11 @@ class LatentCodec(abc.ABC):
   @abc.abstractmethod
   def decode(self, latents: Array) -> Array:
     """latents [B, N, h, w, C] -> video [B, 1 + 4(N-1), 8h, 8w, 3], unclipped."""
+
+  def decode_chunks(self, latents: Array) -> Iterator[np.ndarray]:
+    """`decode` as host arrays [B, t, H, W, 3], in frame order; codecs whose memory grows
+    with the video (the CogVideoX VAE) yield one decoder chunk at a time."""
+    yield np.asarray(self.decode(latents))
 
   def latent_shape(self, num_frames: int, height: int, width: int) -> tuple[int, int, int, int]:
     """(latent frames, latent height, latent width, channels) of one video."""
@@ -219,11 +229,63 @@ def _reconstruct(coef: Array, first_dec: Array, atoms: Array) -> Array:
   return jnp.concatenate([first, rest], axis=1)
 
 
-CODECS: dict[str, Callable[..., LatentCodec]] = {"toy": ToyCodec}
+# ----------------------------------------------------------------------------
+# The real CogVideoX VAE.
+# ----------------------------------------------------------------------------
+
+
+class CogVideoXCodec(LatentCodec):
+  """CogVideoX's causal 3D VAE from a diffusers folder, chunked and (optionally) tiled like diffusers.
+
+  `path`: a diffusers pipeline root holding vae/, or the vae/ folder.
+  `tiling`: False (diffusers' default), True for diffusers' enable_tiling()
+  defaults, or a `Tiling` with other tile sizes / overlaps. `dtype`: of the
+  weights, which is also the compute dtype.
+  """
+
+  def __init__(self, path: str | pathlib.Path, tiling: bool | Tiling = False,
+               dtype: Any = jnp.float32):
+    tiling = Tiling() if tiling is True else tiling or None
+    self.vae = ChunkedVAE(load_cogvideox_vae(path, dtype), tiling)
+    cfg = self.vae.cfg
+    self.latent_channels = cfg.latent_channels
+    self.spatial_factor = cfg.spatial_factor
+    self.temporal_factor = cfg.temporal_compression_ratio
+    self.scaling_factor = cfg.scaling_factor
+
+  def encode(self, video: Array, sample: bool = False, rng: Array | None = None) -> Array:
+    """video [B, 1 + 4n, H, W, 3] -> latents [B, 1 + n, H/8, W/8, C]: the posterior mean
+    (or, with sample=True, a draw from the posterior using rng) times scaling_factor."""
+    self._check_video(video)
+    mean, logvar = jnp.split(self.vae.encode(video), 2, axis=-1)
+    if sample:
+      if rng is None:
+        raise ValueError("encode(sample=True) needs an rng")
+      std = jnp.exp(0.5 * jnp.clip(logvar, -30.0, 20.0))  # diffusers' clamp
+      mean = mean + std * jax.random.normal(rng, mean.shape, mean.dtype)
+    return mean * self.scaling_factor
+
+  def decode(self, latents: Array) -> Array:
+    """latents [B, 1 + n, h, w, C] -> video [B, 1 + 4n, 8h, 8w, 3], unclipped.
+
+    As in diffusers, an even latent count (chunks of 2 from the start) decodes
+    to 4 (1 + n) frames instead; CogVideoX's own counts (1 + 12k) are odd.
+    """
+    self._check_latents(latents)
+    return self.vae.decode(latents / self.scaling_factor)
+
+  def decode_chunks(self, latents: Array) -> Iterator[np.ndarray]:
+    """`decode` one frame chunk at a time, as host arrays [B, t, 8h, 8w, 3] (for an odd
+    latent count 9 frames, then 8s), so a video of any length needs one chunk's memory."""
+    self._check_latents(latents)
+    return (np.asarray(chunk) for chunk in self.vae.decode_chunks(latents / self.scaling_factor))
+
+
+CODECS: dict[str, Callable[..., LatentCodec]] = {"toy": ToyCodec, "cogvideox": CogVideoXCodec}
 
 
 def make_codec(name: str, **kwargs: Any) -> LatentCodec:
   """Build the codec a config names, e.g. make_codec("toy")."""
   if name not in CODECS:
-    raise ValueError(f"unknown codec {name!r}; known codecs: {', '.join(sorted(CODECS))}")
+    raise ValueError(f"unknown codec {name!r}; known codecs: {', '.join(CODECS)}")
   return CODECS[name](**kwargs)
