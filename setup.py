@@ -27,6 +27,11 @@ setup(
         "imageio-ffmpeg>=0.5",
         "safetensors>=0.4",  # reading pretrained weights (ttt_jax.weights)
         "sentencepiece>=0.2",  # the T5 tokenizer
+        # Prepared datasets (ttt_jax.data.dataset): tfds builds and reads array_record
+        # without TensorFlow; its path layer needs etils' epath extra.
+        "tensorflow-datasets>=4.9.7",
+        "array-record>=0.5",
+        "etils[epath]",
     ],
     extras_require={
         # Parity references, built from tiny configs offline. torch is pinned: the CPU

@@ -2,8 +2,8 @@
 
 Presets (the text after `:` in `--config=configs/tom_jerry_9s.py:tiny`):
   paper  CogVideoX-5B + TTT-MLP at 480x720, the paper's recipe and batch 64
-         (the TPU-pod job; until the real VAE/T5 land it reads the toy data
-         at full resolution through the toy codec and a 4096-d toy encoder).
+         (the TPU-pod job), on your storyboard videos prepared with the real
+         CogVideoX VAE and T5 (`python -m ttt_jax.data.prepare`).
   tiny   the same pipeline shrunk to run every stage in minutes on a 2-core
          CPU: a 2-block, 64-wide DiT trained from scratch on toy cartoons.
 
@@ -42,18 +42,24 @@ def get_config(seconds: int, arg: str | None) -> ml_collections.ConfigDict:
   c.init_from = ""
 
   c.data = ml_collections.ConfigDict(dict(
-      name="toy_cartoons",
-      num_videos=8 if tiny else 10_000,
+      # "toy_cartoons": the embedded procedural set, generated and encoded on first use
+      # into data.dir (default <workdir>/data); "storyboard": your videos, prepared into
+      # data.dir by python -m ttt_jax.data.prepare (one folder per clip length).
+      name="toy_cartoons" if tiny else "storyboard",
+      dir="" if tiny else "data/tom_jerry",
+      num_videos=8 if tiny else 10_000,  # toy cartoons only
       height=64 if tiny else 480,
       width=96 if tiny else 720,
       seed=0,
       text_len=16 if tiny else 458,  # tokens per segment caption (paper: 63 s = 351,168 tokens)
       text_dim=32 if tiny else 4096,  # text encoder width (T5-XXL: 4096)
-      codec="toy",
-      text_encoder="toy",
-      # The toy set is encoded into memory before step 1: at most this many GB of it
-      # (the paper-size set would be hundreds of GB and days of encoding).
-      max_cache_gb=8.0,
+      # The frozen encoders. Paper: the CogVideoX-5B diffusers folder (THUDM/CogVideoX-5b:
+      # its vae/, text_encoder/ and tokenizer/) holds the VAE and T5 v1.1 XXL.
+      codec="toy" if tiny else "cogvideox",
+      codec_path="" if tiny else "weights/CogVideoX-5b",
+      text_encoder="toy" if tiny else "t5",
+      text_encoder_path="" if tiny else "weights/CogVideoX-5b",
+      prefetch=2,  # batches read ahead (each a batch of clips in host memory)
   ))
 
   c.model = ml_collections.ConfigDict(dict(

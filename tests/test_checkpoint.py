@@ -35,8 +35,8 @@ def _assert_trees_equal(got, want):
 
 def _data_state():
   """A grain iterator state part-way through an epoch (what train() checkpoints)."""
-  examples = {"latents": np.arange(8, dtype=np.float32).reshape(8, 1),
-              "text": np.zeros((8, 1), np.float32)}
+  examples = [{"latents": np.full((1,), i, np.float32), "text": np.zeros((1,), np.float32)}
+              for i in range(8)]
   it = pipeline.batches(examples, 2, seed=3)
   for _ in range(3):
     next(it)

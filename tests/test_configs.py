@@ -65,6 +65,15 @@ def test_stages_share_data_and_model(preset):
     assert cfg.optim.lr.to_dict() == cfgs[1].optim.lr.to_dict()
 
 
+def test_paper_preset_reads_real_videos_through_the_real_encoders():
+  data = load(f"--config={_file(9)}:paper").data
+  assert (data.name, data.dir) == ("storyboard", "data/tom_jerry")
+  assert (data.codec, data.text_encoder) == ("cogvideox", "t5")
+  assert data.codec_path == data.text_encoder_path == "weights/CogVideoX-5b"
+  tiny = load(f"--config={_file(9)}:tiny").data
+  assert (tiny.name, tiny.codec, tiny.text_encoder, tiny.dir) == ("toy_cartoons", "toy", "toy", "")
+
+
 def test_default_preset_is_paper():
   assert load(f"--config={_file(9)}").preset == "paper"
 

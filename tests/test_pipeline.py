@@ -1,13 +1,13 @@
-"""Data pipeline: video layout of a config, cached examples, deterministic resumable batches."""
+"""Data pipeline: video layout of a config, the prepared toy set, deterministic resumable batches."""
 
+import itertools
 import json
 
 import numpy as np
 import pytest
 
-from configs import common
 from tests.conftest import small_config
-from ttt_jax.data import pipeline, toy_cartoons
+from ttt_jax.data import dataset, pipeline, toy_cartoons
 from ttt_jax.models.text import make_text_encoder
 from ttt_jax.models.vae import make_codec
 
@@ -36,64 +36,112 @@ def test_video_layout_rejects_sizes_off_the_token_grid(height, width):
     pipeline.video_layout(cfg.data, 3, CODEC, patch_size=2)
 
 
-def test_build_examples_shapes_and_cache(tmp_path, monkeypatch):
+def _toy(cfg, seconds, workdir):
+  return pipeline.open_dataset(cfg.data, seconds, CODEC, _encoder(cfg), workdir)
+
+
+def _by_index(source) -> dict[int, dict]:
+  """Records are stored in key-hash order: index them by their toy video."""
+  return {int(r["source"].decode().split("[")[1].rstrip("]")): r for r in source}
+
+
+def test_toy_dataset_is_the_encoded_videos_built_once(tmp_path, monkeypatch):
   cfg = small_config()
-  cache_dir = tmp_path / "cache"
-  examples = pipeline.build_examples(cfg.data, 3, CODEC, _encoder(cfg), cache_dir=cache_dir)
-  assert examples["latents"].shape == (4, 13, 32 // 8, 48 // 8, 16)
-  assert examples["text"].shape == (4, 1 * 4, cfg.data.text_dim)
-  assert examples["latents"].dtype == examples["text"].dtype == np.float32
-  assert len({examples["latents"][i].tobytes() for i in range(4)}) == 4  # four distinct videos
-  files = sorted(cache_dir.iterdir())
-  assert [f.suffix for f in files] == [".npz"] and "_p0of1" in files[0].name
+  source = _toy(cfg, 3, tmp_path)
+  assert len(source) == 4
+  rows = _by_index(source)
+  assert sorted(rows) == [0, 1, 2, 3]
+  toy = toy_cartoons.ToyCartoonConfig(seconds=3, height=32, width=48, seed=0, num_videos=4)
+  for i, row in rows.items():
+    video = toy_cartoons.generate_video(toy, i)
+    want = CODEC.encode(toy_cartoons.frames_to_float(video.frames)[None])[0]
+    assert row["latents"].shape == (13, 32 // 8, 48 // 8, 16) and row["latents"].dtype == np.float32
+    np.testing.assert_allclose(row["latents"], want, rtol=0, atol=1e-6)  # fp32, same jit
+    assert row["text"].shape == (1 * 4, cfg.data.text_dim)
+    assert [c.decode() for c in row["captions"]] == list(video.captions)
+    np.testing.assert_array_equal(row["scenes"], video.scenes)
+  folders = list((tmp_path / "data" / "storyboard").iterdir())
+  assert [f.name for f in folders] == [pipeline.toy_config_name(cfg.data, 3)]
 
   def boom(*args, **kwargs):
-    raise AssertionError("regenerated a cached video")
+    raise AssertionError("regenerated a prepared video")
 
   monkeypatch.setattr(toy_cartoons, "generate_video", boom)
-  with pytest.raises(AssertionError, match="regenerated"):  # the patch is live...
-    pipeline.build_examples(cfg.data, 3, CODEC, _encoder(cfg), cache_dir=None)
-  again = pipeline.build_examples(cfg.data, 3, CODEC, _encoder(cfg), cache_dir=cache_dir)
-  for key in examples:  # ...and the cache hit never reaches it
-    np.testing.assert_array_equal(again[key], examples[key])
-  assert sorted(cache_dir.iterdir()) == files
+  again = _by_index(_toy(cfg, 3, tmp_path))  # prepared once: never regenerated
+  for i in rows:
+    np.testing.assert_array_equal(again[i]["latents"], rows[i]["latents"])
 
 
-def test_cache_is_keyed_by_the_data_config(tmp_path):
+def test_toy_dataset_is_keyed_by_the_data_config(tmp_path):
   cfg = small_config()
   cfg.data.num_videos = 2
-  first = pipeline.build_examples(cfg.data, 3, CODEC, _encoder(cfg), cache_dir=tmp_path)
-  cfg.data.seed = 1  # other videos: must not be served from the seed-0 cache
-  second = pipeline.build_examples(cfg.data, 3, CODEC, _encoder(cfg), cache_dir=tmp_path)
-  assert len(list(tmp_path.glob("*.npz"))) == 2
-  assert not np.array_equal(first["latents"], second["latents"])
+  first = _by_index(_toy(cfg, 3, tmp_path))
+  cfg.data.seed = 1  # other videos: must not be served from the seed-0 set
+  second = _by_index(_toy(cfg, 3, tmp_path))
+  assert len(list((tmp_path / "data" / "storyboard").iterdir())) == 2
+  assert not np.array_equal(first[0]["latents"], second[0]["latents"])
 
 
-def test_multi_segment_text_is_segment_major():
+def test_multi_segment_text_is_segment_major(tmp_path):
   cfg = small_config(9)
   cfg.data.num_videos = 1
-  examples = pipeline.build_examples(cfg.data, 9, CODEC, _encoder(cfg))
-  assert examples["latents"].shape == (1, 13 + 12 + 12, 4, 6, 16)
-  assert examples["text"].shape == (1, 3 * 4, cfg.data.text_dim)
-  captions = list(toy_cartoons.generate_video(toy_cartoons.ToyCartoonConfig(
-      seconds=9, height=32, width=48, seed=0, num_videos=1), 0).captions)
-  for s, caption in enumerate(captions):
-    one = pipeline.encode_captions([caption], _encoder(cfg), 4)
-    np.testing.assert_array_equal(examples["text"][0, 4 * s:4 * (s + 1)], one)
+  [row] = _toy(cfg, 9, tmp_path)
+  assert row["latents"].shape == (13 + 12 + 12, 4, 6, 16)
+  assert row["text"].shape == (3 * 4, cfg.data.text_dim)
+  np.testing.assert_array_equal(row["segments"], [0, 1, 2])
+  for s, caption in enumerate(row["captions"]):
+    one = pipeline.encode_captions([caption.decode()], _encoder(cfg), 4)
+    np.testing.assert_array_equal(row["text"][4 * s:4 * (s + 1)], one)
 
 
-def test_unknown_dataset_name():
+def test_unknown_dataset_name(tmp_path):
   cfg = small_config()
   cfg.data.name = "tom_and_jerry_real"
   with pytest.raises(ValueError, match="unknown data.name 'tom_and_jerry_real'"):
-    pipeline.build_examples(cfg.data, 3, CODEC, _encoder(cfg))
+    _toy(cfg, 3, tmp_path)
+
+
+def test_storyboard_dataset_must_exist_and_match_the_config(tmp_path):
+  cfg = small_config()
+  cfg.data.name = "storyboard"
+  with pytest.raises(ValueError, match="data.name='storyboard' needs data.dir"):
+    _toy(cfg, 3, tmp_path)
+  cfg.data.dir = str(tmp_path / "prepared")
+  with pytest.raises(FileNotFoundError, match=r"no prepared dataset at .*storyboard/3s/1.0.0; "
+                                              r"prepare it with python -m ttt_jax.data.prepare"):
+    _toy(cfg, 3, tmp_path)
+  spec = pipeline.clip_spec(cfg.data, 3, CODEC, _encoder(cfg))
+  row = {"latents": np.zeros(spec.latent_shape, np.float32),
+         "text": np.zeros((4, cfg.data.text_dim), np.float32), "captions": ["a cat"],
+         "segments": np.zeros(1, np.int32), "scenes": np.zeros(1, np.int32), "source": "a.mp4"}
+  dataset.write([("a", row)], cfg.data.dir, "3s", spec)
+  assert len(_toy(cfg, 3, tmp_path)) == 1
+  cfg.data.text_len = 8  # another config reading the same folder
+  with pytest.raises(ValueError, match=r"prepared for another config: text_len=4 \(the config "
+                                       r"needs 8\)"):
+    _toy(cfg, 3, tmp_path)
+  with pytest.raises(FileExistsError, match="already exists; pass --overwrite"):
+    dataset.write([("a", row)], cfg.data.dir, "3s", spec)
+
+
+def test_an_interrupted_write_leaves_nothing(tmp_path):
+  cfg = small_config()
+  spec = pipeline.clip_spec(cfg.data, 3, CODEC, _encoder(cfg))
+
+  def examples():
+    yield from itertools.islice(pipeline.toy_examples(cfg.data, 3, CODEC, _encoder(cfg)), 2)
+    raise KeyboardInterrupt  # e.g. Ctrl-C mid-way
+
+  with pytest.raises(KeyboardInterrupt):
+    dataset.write(examples(), tmp_path, "3s", spec)
+  assert list(tmp_path.iterdir()) == []
 
 
 # ----------------------------------------------------------------- batches
 def _examples(n=10):
-  """Rows tagged by index: latents[i] == i, text[i] == -i."""
-  return {"latents": np.arange(n, dtype=np.float32).reshape(n, 1, 1),
-          "text": -np.arange(n, dtype=np.float32).reshape(n, 1)}
+  """Rows tagged by index: latents[i] == i, text[i] == -i (and a field training ignores)."""
+  return [{"latents": np.full((1, 1), i, np.float32), "text": np.full((1,), -i, np.float32),
+           "source": f"v{i}"} for i in range(n)]
 
 
 def _take(it, n):
@@ -129,14 +177,13 @@ def test_batch_size_must_divide_over_processes(monkeypatch):
     pipeline.batches(_examples(), 3, seed=0)
 
 
-def test_paper_size_toy_cache_is_capped_with_a_message(caplog):
-  """The in-memory toy cache is encoded before step 1: at paper size it is capped."""
-  data = common.get_config(63, "paper").data.to_dict()
-  codec = make_codec("toy")
-  with caplog.at_level("WARNING"):
-    n = pipeline.cache_limit(data, 63, codec, data["text_dim"], data["num_videos"])
-  per_video = 4 * (253 * 60 * 90 * 16 + 21 * 458 * 4096)  # latents + captions, fp32
-  assert n == int(8e9 // per_video) < data["num_videos"]
-  assert "10000 toy videos of 63 s at 480x720" in caplog.text and "caching the first" in caplog.text
-  tiny = common.get_config(63, "tiny").data.to_dict()
-  assert pipeline.cache_limit(tiny, 63, codec, tiny["text_dim"], tiny["num_videos"]) == 8
+def test_each_process_reads_its_own_shard(monkeypatch):
+  monkeypatch.setattr(pipeline.jax, "process_count", lambda: 2)
+  seen = {}
+  for proc in (0, 1):
+    monkeypatch.setattr(pipeline.jax, "process_index", lambda proc=proc: proc)
+    seen[proc] = set(sum(_take(pipeline.batches(_examples(), 4, seed=0), 5), []))
+  assert seen == {0: {0, 2, 4, 6, 8}, 1: {1, 3, 5, 7, 9}}  # disjoint, together everything
+  monkeypatch.setattr(pipeline.jax, "process_count", lambda: 16)
+  with pytest.raises(ValueError, match="the dataset has 10 clips, fewer than the 16 JAX"):
+    pipeline.batches(_examples(), 16, seed=0)

@@ -25,7 +25,13 @@ def test_tiny_config_passes_with_a_small_estimate():
 
 @pytest.mark.parametrize("key,value,expect", [
     ("seconds", 10, "seconds=10: a video is whole 3-second segments"),
-    ("data.name", "nope", "data.name='nope' does not exist; known datasets: toy_cartoons"),
+    ("data.name", "nope", "data.name='nope' does not exist; known datasets: toy_cartoons, "
+                          "storyboard"),
+    ("data.name", "storyboard", "data.dir='' holds no prepared 3 s clips; prepare it with "
+                                "python -m ttt_jax.data.prepare"),
+    ("data.codec", "sd", "data.codec='sd' is unknown; known: cogvideox, toy"),
+    ("data.text_encoder", "t5", "data.text_encoder='t5' needs data.text_encoder_path"),
+    ("data.codec_path", "/nowhere", "data.codec_path=/nowhere: no such folder"),
     ("data.height", 40, "data.height=40 is not a multiple of 16 (codec 8x times patch 2)"),
     ("data.width", 50, "data.width=50 is not a multiple of 16"),
     ("init_from", "/nowhere", "init_from=/nowhere: no checkpoint in /nowhere/checkpoints"),
@@ -56,10 +62,25 @@ def test_frozen_base_without_init_is_refused_and_init_fixes_it(tmp_path):
   assert preflight.check(cfg, "sample") is not None  # sampling trains nothing
 
 
-def test_paper_preset_refused_on_this_host_with_numbers_and_the_way_out():
+def test_paper_preset_names_its_missing_weights_and_data(tmp_path):
   cfg = common.get_config(3, "paper")
-  cfg.model.pretrained = ""  # only the memory is in the way now
   lines = problems(cfg)
+  for start in ("data.codec_path=weights/CogVideoX-5b: no such folder",
+                "data.text_encoder_path=weights/CogVideoX-5b: no such folder",
+                "data.dir='data/tom_jerry' holds no prepared 3 s clips "
+                "(data/tom_jerry/storyboard/3s is missing); prepare it with",
+                "model.pretrained=weights/cogvideox-5b-jax: "):
+    assert sum(line.startswith(start) for line in lines) == 1, (start, lines)
+
+
+def test_paper_preset_refused_on_this_host_with_numbers_and_the_way_out(tmp_path):
+  cfg = common.get_config(3, "paper")
+  cfg.model.pretrained = ""
+  cfg.data.codec_path = cfg.data.text_encoder_path = str(tmp_path)
+  cfg.data.dir = str(tmp_path)
+  (tmp_path / "storyboard" / "3s" / "1.0.0").mkdir(parents=True)
+  (tmp_path / "storyboard" / "3s" / "1.0.0" / "dataset_info.json").write_text("{}")
+  lines = problems(cfg)  # only the memory is in the way now
   assert lines[0].startswith("paper preset, 3 s, train: ~") and "GiB per device needed" in lines[0]
   assert "params 26.9 GiB" in lines[0]  # 7.23e9 fp32 parameters
   assert f"this host has {jax.device_count()} cpu device(s)" in lines[0]

@@ -86,7 +86,7 @@ def test_mismatched_variant_and_bad_paths_are_refused(weights, tmp_path):
   cfg.model.pretrained = str(tmp_path / "missing")
   with pytest.raises(preflight.PreflightError, match="missing do not exist"):
     train.train(cfg, tmp_path / "run")
-  assert not (tmp_path / "run" / "cache").exists()  # refused before any data work
+  assert not (tmp_path / "run" / "data").exists()  # refused before any data work
   cfg.model.pretrained, cfg.init_from = str(out), str(tmp_path)
   with pytest.raises(ValueError, match="set one of model.pretrained"):
     train.train(cfg, tmp_path / "run")

@@ -200,8 +200,9 @@ def test_design_card_command_refuses_in_seconds(tmp_path):
   assert "GiB per device needed" in err and "cpu device" in err
   assert "`paper` (the default preset) is the pod job" in err and ":tiny" in err
   assert "python -m ttt_jax.curriculum" in err
+  assert "holds no prepared 63 s clips" in err and "python -m ttt_jax.data.prepare" in err
   assert "workdirs/tom_jerry_63s" in err  # where it would write, printed first
-  assert not (tmp_path / "workdirs" / "tom_jerry_63s" / "cache").exists()  # no data work
+  assert not (tmp_path / "workdirs" / "tom_jerry_63s" / "data").exists()  # no data work
   print(f"refused in {seconds:.1f} s")
 
 

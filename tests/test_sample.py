@@ -32,6 +32,14 @@ def test_load_storyboard_jsonl(tmp_path):
   assert sample.load_storyboard(path) == CAPTIONS
 
 
+def test_load_storyboard_in_prepares_format(tmp_path):
+  """A line of the storyboard ttt_jax.data.prepare reads samples its captions in order."""
+  path = tmp_path / "story.jsonl"
+  path.write_text(json.dumps({"video": "ep.mp4", "scenes": [{"captions": CAPTIONS[:2]},
+                                                            {"captions": CAPTIONS[2:]}]}) + "\n")
+  assert sample.load_storyboard(path) == CAPTIONS
+
+
 @pytest.mark.parametrize("bad", ['{"scene": 0, "caption": ', '{"scene": 1}', '["a caption"]',
                                  '"a caption"', "7"])
 def test_load_storyboard_bad_jsonl_names_file_and_line(tmp_path, bad):

@@ -4,8 +4,9 @@
 
 Each stage trains in <workdir>/<N>s from the previous stage's latest params
 (interrupted stages resume; finished ones are skipped). Afterwards:
-<workdir>/loss.png (all stages), <workdir>/storyboard.jsonl (captions of a
-toy video the model never saw) and <workdir>/samples/one_minute.{mp4,gif}.
+<workdir>/loss.png (all stages) and <workdir>/samples/one_minute.{mp4,gif},
+sampled from --storyboard or, on toy data, from <workdir>/storyboard.jsonl
+(captions of a toy video the model never saw).
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ _PRESET = flags.DEFINE_string("preset", "tiny", "Config preset of every stage (t
 _WORKDIR = flags.DEFINE_string("workdir", None, "Root directory; one sub-directory per stage.")
 _STAGES = flags.DEFINE_list("stages", ["3", "9", "18", "30", "63"], "Stage lengths in seconds.")
 _CONFIG_DIR = flags.DEFINE_string("config_dir", "configs", "Where tom_jerry_<N>s.py live.")
+_STORYBOARD = flags.DEFINE_string("storyboard", None, "Captions to sample the final video from "
+                                  "(default with toy data: a held-out toy storyboard).")
 
 
 def load_stage_config(config_dir: str | pathlib.Path, seconds: int, preset: str
@@ -40,7 +43,7 @@ def load_stage_config(config_dir: str | pathlib.Path, seconds: int, preset: str
 
 
 def run(preset: str, workdir: str | pathlib.Path, stages: list[int],
-        config_dir: str | pathlib.Path = "configs") -> dict:
+        config_dir: str | pathlib.Path = "configs", storyboard: str | None = None) -> dict:
   workdir = pathlib.Path(workdir)
   configs, previous = {}, ""
   for seconds in stages:  # every stage checked before the first one trains
@@ -56,15 +59,22 @@ def run(preset: str, workdir: str | pathlib.Path, stages: list[int],
     runs.append((f"{seconds}s", metrics.read_metrics(stage_dir / "metrics.jsonl")))
   metrics.plot_loss(runs, workdir / "loss.png")
 
-  # A storyboard the model never trained on: the video just past the training set.
   data = config.data
-  held_out = toy_cartoons.generate_video(toy_cartoons.ToyCartoonConfig(
-      seconds=stages[-1], height=data.height, width=data.width, seed=data.seed,
-      num_videos=data.num_videos + 1), data.num_videos)
-  toy_cartoons.write_storyboard(held_out, workdir / "storyboard.jsonl")
-  frames = sample.sample_video(previous, list(held_out.captions))
-  summary["samples"] = [str(p) for p in sample.write_video(
-      frames, workdir / "samples" / "one_minute", config.sample.fps)]
+  if storyboard:
+    captions = sample.load_storyboard(storyboard)
+  elif data.name == "toy_cartoons":  # the toy video just past the training set: never seen
+    held_out = toy_cartoons.generate_video(toy_cartoons.ToyCartoonConfig(
+        seconds=stages[-1], height=data.height, width=data.width, seed=data.seed,
+        num_videos=data.num_videos + 1), data.num_videos)
+    toy_cartoons.write_storyboard(held_out, workdir / "storyboard.jsonl")
+    captions = list(held_out.captions)
+  else:
+    captions = None
+    logging.warning("no --storyboard to sample from: trained %s, sampled nothing", stages)
+  if captions:
+    frames = sample.sample_video(previous, captions)
+    summary["samples"] = [str(p) for p in sample.write_video(
+        frames, workdir / "samples" / "one_minute", config.sample.fps)]
   (workdir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
   return summary
 
@@ -75,7 +85,7 @@ def main(argv: list[str]) -> None:
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)
   print(json.dumps(run(_PRESET.value, _WORKDIR.value, [int(s) for s in _STAGES.value],
-                       _CONFIG_DIR.value), indent=2))
+                       _CONFIG_DIR.value, _STORYBOARD.value), indent=2))
 
 
 if __name__ == "__main__":

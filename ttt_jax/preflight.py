@@ -33,8 +33,8 @@ from flax import nnx
 from ttt_jax import convert, optim
 from ttt_jax.data import pipeline
 from ttt_jax.layout import SECONDS_PER_SEGMENT
-from ttt_jax.models import dit
-from ttt_jax.models.vae import make_codec
+from ttt_jax.data import dataset
+from ttt_jax.models import dit, text, vae
 
 GIB = 2.0**30
 PURPOSES = ("train", "sample")
@@ -106,24 +106,19 @@ def _config_problems(config: ml_collections.ConfigDict, purpose: str, init_exist
   if config.seconds < SECONDS_PER_SEGMENT or config.seconds % SECONDS_PER_SEGMENT:
     problems.append(f"seconds={config.seconds}: a video is whole {SECONDS_PER_SEGMENT}-second "
                     f"segments; use a multiple of {SECONDS_PER_SEGMENT} (3, 9, 18, 30, 63)")
-  if config.data.name not in pipeline.DATASETS:
-    problems.append(f"data.name={config.data.name!r} does not exist; known datasets: "
-                    f"{', '.join(pipeline.DATASETS)}")
+  problems += _data_problems(config, purpose)
   if config.model.variant not in dit.VARIANTS:
     problems.append(f"model.variant={config.model.variant!r} is unknown; known: "
                     f"{', '.join(dit.VARIANTS)}")
-  else:
-    try:
-      codec = make_codec(config.data.codec)
-      patch = dit.VARIANTS[config.model.variant].get("patch_size", 2)
-      step = codec.spatial_factor * patch
-      for key in ("height", "width"):
-        if config.data[key] % step:
-          problems.append(f"data.{key}={config.data[key]} is not a multiple of {step} (codec "
-                          f"{codec.spatial_factor}x times patch {patch}); use e.g. "
-                          f"{max(step, config.data[key] // step * step)}")
-    except ValueError as e:
-      problems.append(f"data.codec={config.data.codec!r}: {e}")
+  elif config.data.codec in vae.CODECS:
+    factor = vae.CODECS[config.data.codec].spatial_factor  # the class: no weights loaded
+    patch = dit.VARIANTS[config.model.variant].get("patch_size", 2)
+    step = factor * patch
+    for key in ("height", "width"):
+      if config.data[key] % step:
+        problems.append(f"data.{key}={config.data[key]} is not a multiple of {step} (codec "
+                        f"{factor}x times patch {patch}); use e.g. "
+                        f"{max(step, config.data[key] // step * step)}")
   if purpose == "train":
     if config.train.nonfinite not in ("stop", "skip"):
       problems.append(f"train.nonfinite={config.train.nonfinite!r}: choose 'stop' or 'skip'")
@@ -151,6 +146,30 @@ def _config_problems(config: ml_collections.ConfigDict, purpose: str, init_exist
   return problems
 
 
+def _data_problems(config: ml_collections.ConfigDict, purpose: str) -> list[str]:
+  """The dataset and the frozen encoders: names known, paths present."""
+  data, problems = config.data, []
+  for key, known in (("codec", vae.CODECS), ("text_encoder", text.TEXT_ENCODERS)):
+    if data[key] not in known:
+      problems.append(f"data.{key}={data[key]!r} is unknown; known: {', '.join(sorted(known))}")
+    elif data[key] != "toy" and not data[f"{key}_path"]:
+      problems.append(f"data.{key}={data[key]!r} needs data.{key}_path (the CogVideoX "
+                      f"diffusers folder)")
+    if data[f"{key}_path"] and not pathlib.Path(data[f"{key}_path"]).exists():
+      problems.append(f"data.{key}_path={data[f'{key}_path']}: no such folder; download the "
+                      f"CogVideoX diffusers folder (e.g. THUDM/CogVideoX-5b) there, or fix the path")
+  if data.name not in pipeline.DATASETS:
+    problems.append(f"data.name={data.name!r} does not exist; known datasets: "
+                    f"{', '.join(pipeline.DATASETS)}")
+  elif data.name == "storyboard" and purpose == "train":
+    folder = dataset.location(data.dir, f"{config.seconds}s") if data.dir else None
+    if folder is None or not (folder / dataset.VERSION / "dataset_info.json").is_file():
+      problems.append(f"data.dir={data.dir!r} holds no prepared {config.seconds} s clips"
+                      + (f" ({folder} is missing)" if folder else "") + "; "
+                      + pipeline.prepare_command(data, config.seconds))
+  return problems
+
+
 def estimate_memory(config: ml_collections.ConfigDict, purpose: str, data: int, fsdp: int
                     ) -> MemoryEstimate:
   """Bytes per device of `purpose` under a (data, fsdp) mesh; nothing is allocated."""
@@ -165,7 +184,7 @@ def estimate_memory(config: ml_collections.ConfigDict, purpose: str, data: int, 
   gradients = 4.0 * sum(sizes) / fsdp if training else 0.0
   optimizer = 2 * 4.0 * trainable / fsdp
 
-  codec = make_codec(config.data.codec)
+  codec = vae.CODECS[config.data.codec]  # the class: its factors, no weights loaded
   layout = pipeline.video_layout(config.data, config.seconds, codec, model.patch_size)
   per_device = max(1, math.ceil(config.train.batch_size / (data * fsdp))) if training else 2
   act = np.dtype(config.model.dtype).itemsize
@@ -201,7 +220,8 @@ def check(config: ml_collections.ConfigDict, purpose: str = "train", *,
                     f"{sizes[0] * sizes[1]} devices of mesh data={sizes[0]} x fsdp={sizes[1]}; "
                     f"use a multiple of {sizes[0] * sizes[1]}")
   estimate = None
-  if not isinstance(sizes, str) and config.model.variant in dit.VARIANTS:
+  if (not isinstance(sizes, str) and config.model.variant in dit.VARIANTS
+      and config.data.codec in vae.CODECS):
     try:
       estimate = estimate_memory(config, purpose, *sizes)
     except ValueError:  # a shape problem, already named above

@@ -3,7 +3,8 @@
     python -m ttt_jax.sample --workdir=workdirs/tiny/63s --storyboard=story.jsonl
 
 A storyboard is one caption per 3-second segment: a text file with one
-caption per line, or JSON lines {"scene": s, "caption": "..."}. Needs only
+caption per line, JSON lines {"scene": s, "caption": "..."}, or a line of
+`ttt_jax.data.prepare`'s format {"scenes": [{"captions": [...]}, ...]}. Needs only
 the workdir (config.json + checkpoints/). Writes <out>.mp4 and <out>.gif.
 """
 
@@ -26,8 +27,6 @@ from ttt_jax.data import pipeline
 from ttt_jax.layout import SECONDS_PER_SEGMENT
 from ttt_jax.diffusion import NoiseSchedule, ddim_sample, dpmpp_2m_sample
 from ttt_jax.models import dit
-from ttt_jax.models.text import make_text_encoder
-from ttt_jax.models.vae import make_codec
 
 SAMPLERS = ("ddim", "dpmpp_2m", "dpmpp_2m_sde")
 
@@ -35,7 +34,8 @@ FLAGS = flags.FLAGS
 
 
 def load_storyboard(path: str | pathlib.Path) -> list[str]:
-  """One caption per segment from a .txt (a line each) or .jsonl ({"caption": ...}) file."""
+  """One caption per segment from a .txt (a line each) or .jsonl file: lines
+  {"caption": ...} per segment, or prepare's {"scenes": [{"captions": [...]}, ...]}."""
   path = pathlib.Path(path)
   captions = []
   for n, line in enumerate(path.read_text().splitlines(), 1):
@@ -43,9 +43,12 @@ def load_storyboard(path: str | pathlib.Path) -> list[str]:
       continue
     if path.suffix == ".jsonl":
       try:
-        captions.append(str(json.loads(line)["caption"]))
+        row = json.loads(line)
+        captions += ([str(c) for scene in row["scenes"] for c in scene["captions"]]
+                     if "scenes" in row else [str(row["caption"])])
       except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise ValueError(f"{path}:{n}: expected a JSON object with a \"caption\" ({e})") from e
+        raise ValueError(f"{path}:{n}: expected a JSON object with a \"caption\" or "
+                         f"\"scenes\" ({e})") from e
     else:
       captions.append(line.strip())
   if not captions:
@@ -74,8 +77,7 @@ def sample_video(workdir: str | pathlib.Path, captions: list[str], *, steps: int
   with config.unlocked():
     config.seconds = SECONDS_PER_SEGMENT * len(captions)  # the video asked for
   preflight.check(config, "sample")
-  codec = make_codec(config.data.codec)
-  text_encoder = make_text_encoder(config.data.text_encoder, dim=config.data.text_dim)
+  codec, text_encoder = pipeline.make_encoders(config.data)
   model = dit.build(config.model, text_dim=config.data.text_dim, rngs=nnx.Rngs(0))
   checkpoint.load_params(workdir, model)
   layout = pipeline.video_layout(config.data, SECONDS_PER_SEGMENT * len(captions), codec,
@@ -100,8 +102,9 @@ def sample_video(workdir: str | pathlib.Path, captions: list[str], *, steps: int
   else:
     latents = dpmpp_2m_sample(denoise, x_T, cond, uncond, rng=k_sde,
                               sde=sampler == "dpmpp_2m_sde", **kw)
-  video = jnp.clip(codec.decode(latents)[0], -1.0, 1.0)  # [T, H, W, 3]
-  return np.asarray(jnp.round((video + 1.0) * 127.5)).astype(np.uint8)
+  # Chunk by chunk to uint8 on the host: the decoder's memory stays one chunk's.
+  return np.concatenate([np.round((np.clip(chunk[0], -1.0, 1.0) + 1.0) * 127.5).astype(np.uint8)
+                         for chunk in codec.decode_chunks(latents)])  # [T, H, W, 3]
 
 
 def write_video(frames: np.ndarray, out: str | pathlib.Path, fps: int) -> list[pathlib.Path]:

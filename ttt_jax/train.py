@@ -6,7 +6,7 @@
 
 Reads top-down: config -> data -> model -> loss -> optimizer -> checkpoint.
 The workdir receives config.json, checkpoints/ (resumed automatically),
-metrics.jsonl and loss.png. `python -m ttt_jax.curriculum` runs all stages.
+metrics.jsonl, loss.png and, for the toy cartoons, data/ (encoded once). `python -m ttt_jax.curriculum` runs all stages.
 """
 
 from __future__ import annotations
@@ -33,8 +33,6 @@ from ttt_jax.data import pipeline
 from ttt_jax.layout import VideoLayout
 from ttt_jax.diffusion import NoiseSchedule, drop_text, sample_timesteps, v_prediction_loss
 from ttt_jax.models import dit
-from ttt_jax.models.text import make_text_encoder
-from ttt_jax.models.vae import make_codec
 from ttt_jax.parallel import mesh as mesh_lib
 
 FLAGS = flags.FLAGS
@@ -151,11 +149,10 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
     record_config(workdir, config)
 
   # ------------------------------------------------------------------ data
-  codec = make_codec(config.data.codec)
-  text_encoder = make_text_encoder(config.data.text_encoder, dim=config.data.text_dim)
-  examples = pipeline.build_examples(config.data, config.seconds, codec, text_encoder,
-                                     cache_dir=workdir / "cache")
-  data_iter = pipeline.batches(examples, config.train.batch_size, seed=config.seed)
+  codec, text_encoder = pipeline.make_encoders(config.data)
+  source = pipeline.open_dataset(config.data, config.seconds, codec, text_encoder, workdir)
+  data_iter = pipeline.batches(source, config.train.batch_size, seed=config.seed,
+                               prefetch=config.data.prefetch)
 
   # --------------------------------------------------------- model & optimizer
   model = dit.build(config.model, text_dim=config.data.text_dim, rngs=nnx.Rngs(config.seed))

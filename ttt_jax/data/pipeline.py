@@ -1,10 +1,14 @@
-"""Videos -> cached latents and caption embeddings -> shuffled, sharded batches.
+"""Prepared clips -> shuffled, sharded, prefetched batches; the encoders a data config names.
 
-The codec and the text encoder are frozen, so every example is encoded once
-and cached (`.npz` in the workdir); training then reads small arrays. Batches
-come from a `grain.MapDataset` (shuffle, repeat, batch) sharded by JAX
-process, and its iterator state is a small JSON dict that the checkpoint
-stores so a resumed run sees exactly the batches it would have seen.
+Training reads a `ttt_jax.data.dataset` folder by random access (nothing is
+loaded whole): `data.name="storyboard"` is one written by
+`python -m ttt_jax.data.prepare` into `data.dir`; `data.name="toy_cartoons"`
+generates and encodes the embedded toy set through the same builder, once,
+into `data.dir` (default `<workdir>/data`). Batches come from a
+`grain.MapDataset` (this process's shard, shuffle, repeat, batch) with a
+bounded prefetch, and its iterator state is a small JSON dict that the
+checkpoint stores, so a resumed run sees exactly the batches it would have
+seen.
 """
 
 from __future__ import annotations
@@ -12,20 +16,27 @@ from __future__ import annotations
 import hashlib
 import json
 import pathlib
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 import grain.python as grain
 import jax
 import numpy as np
 import tqdm
-from absl import logging
 
-from ttt_jax.data import toy_cartoons
+from ttt_jax.data import dataset, toy_cartoons
 from ttt_jax.layout import VideoLayout
-from ttt_jax.models.text import TextEncoder
-from ttt_jax.models.vae import LatentCodec
+from ttt_jax.models.text import TextEncoder, make_text_encoder
+from ttt_jax.models.vae import LatentCodec, make_codec
 
-DATASETS = ("toy_cartoons",)
+DATASETS = ("toy_cartoons", "storyboard")
+
+
+def make_encoders(data_cfg: Mapping[str, Any]) -> tuple[LatentCodec, TextEncoder]:
+  """The frozen codec and text encoder a data config names (data.codec[_path], ...)."""
+  codec_kw = {"path": data_cfg["codec_path"]} if data_cfg["codec_path"] else {}
+  text_kw = {"path": data_cfg["text_encoder_path"]} if data_cfg["text_encoder_path"] else {}
+  return (make_codec(data_cfg["codec"], **codec_kw),
+          make_text_encoder(data_cfg["text_encoder"], dim=data_cfg["text_dim"], **text_kw))
 
 
 def video_layout(data_cfg: Mapping[str, Any], seconds: int, codec: LatentCodec,
@@ -52,90 +63,100 @@ def null_caption(text_encoder: TextEncoder, num_segments: int, text_len: int) ->
   return encode_captions([""] * num_segments, text_encoder, text_len)
 
 
-def _source(data_cfg: Mapping[str, Any], seconds: int):
-  if data_cfg["name"] not in DATASETS:
-    raise ValueError(f"unknown data.name {data_cfg['name']!r}; known: {DATASETS}")
-  return toy_cartoons.ToyCartoonSource(toy_cartoons.ToyCartoonConfig(
+def clip_spec(data_cfg: Mapping[str, Any], seconds: int, codec: LatentCodec,
+              text_encoder: TextEncoder) -> dataset.ClipSpec:
+  """What a dataset must hold for training `seconds`-long clips under this data config."""
+  frames = toy_cartoons.num_frames(seconds)
+  return dataset.ClipSpec(
+      seconds=seconds, height=data_cfg["height"], width=data_cfg["width"],
+      latent_shape=codec.latent_shape(frames, data_cfg["height"], data_cfg["width"]),
+      text_len=data_cfg["text_len"], text_dim=text_encoder.dim, codec=data_cfg["codec"],
+      text_encoder=data_cfg["text_encoder"])
+
+
+def toy_config_name(data_cfg: Mapping[str, Any], seconds: int) -> str:
+  """Dataset config of a toy set: its length plus a digest of everything that shapes it."""
+  keys = ("seed", "num_videos", "height", "width", "text_len", "text_dim", "codec",
+          "text_encoder")
+  digest = hashlib.sha256(json.dumps({k: data_cfg[k] for k in keys}, sort_keys=True)
+                          .encode()).hexdigest()[:12]
+  return f"toy_{seconds}s_{digest}"
+
+
+def toy_examples(data_cfg: Mapping[str, Any], seconds: int, codec: LatentCodec,
+                 text_encoder: TextEncoder) -> Iterator[tuple[str, dict[str, Any]]]:
+  """(key, example) of every toy cartoon, encoded one video at a time."""
+  source = toy_cartoons.ToyCartoonSource(toy_cartoons.ToyCartoonConfig(
       seconds=seconds, height=data_cfg["height"], width=data_cfg["width"],
       seed=data_cfg["seed"], num_videos=data_cfg["num_videos"]))
-
-
-def cache_limit(data_cfg: Mapping[str, Any], seconds: int, codec: LatentCodec, text_dim: int,
-                num_videos: int) -> int:
-  """How many videos the in-memory cache takes: all, or as many as data.max_cache_gb holds.
-
-  The cache is encoded before step 1; at paper size the toy set would be
-  hundreds of GB and days of encoding, so it is capped, with a message.
-  """
-  T, h, w, C = codec.latent_shape(toy_cartoons.num_frames(seconds), data_cfg["height"],
-                                  data_cfg["width"])
-  per_video = 4 * (T * h * w * C + (seconds // 3) * data_cfg["text_len"] * text_dim)
-  limit = max(jax.process_count(), int(data_cfg["max_cache_gb"] * 1e9 // per_video))
-  if limit < num_videos:
-    logging.warning("data: %d toy videos of %d s at %dx%d are %.0f GB of latents; caching the "
-                    "first %d (data.max_cache_gb=%g); raise it to use more", num_videos, seconds,
-                    data_cfg["height"], data_cfg["width"], num_videos * per_video / 1e9, limit,
-                    data_cfg["max_cache_gb"])
-  return min(limit, num_videos)
-
-
-def build_examples(data_cfg: Mapping[str, Any], seconds: int, codec: LatentCodec,
-                   text_encoder: TextEncoder, cache_dir: str | pathlib.Path | None = None
-                   ) -> dict[str, np.ndarray]:
-  """This process's examples (videos proc, proc + P, ...): latents [N, T, h, w, C] and
-  text [N, S*text_len, dim], float32. Each process encodes and caches only its share."""
-  n_proc, proc = jax.process_count(), jax.process_index()
-  key = json.dumps({**dict(data_cfg), "seconds": seconds, "text_dim": text_encoder.dim},
-                   sort_keys=True)
-  cache = None
-  if cache_dir is not None:
-    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
-    cache = pathlib.Path(cache_dir) / f"{data_cfg['name']}_{seconds}s_{digest}_p{proc}of{n_proc}.npz"
-    if cache.exists():
-      with np.load(cache) as f:
-        return {"latents": f["latents"], "text": f["text"]}
-
-  source = _source(data_cfg, seconds)
-  if len(source) < n_proc:
-    raise ValueError(f"data.num_videos={len(source)} cannot be shared by {n_proc} processes")
-  count = cache_limit(data_cfg, seconds, codec, text_encoder.dim, len(source))
-  encode = jax.jit(codec.encode)
-  latents, text = [], []
-  for i in tqdm.tqdm(range(proc, count, n_proc), desc=f"encoding {seconds}s videos",
-                     leave=False, disable=proc != 0):
+  for i in tqdm.tqdm(range(len(source)), desc=f"encoding {seconds} s toy videos", leave=False):
     item = source[i]
     video = toy_cartoons.frames_to_float(item["frames"])[None]  # [1, T, H, W, 3]
-    latents.append(np.asarray(encode(video))[0])
-    text.append(encode_captions(list(item["captions"]), text_encoder, data_cfg["text_len"]))
-  examples = {"latents": np.stack(latents), "text": np.stack(text)}
-  if cache is not None:
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cache.with_name(cache.name + ".tmp.npz")
-    np.savez(tmp, **examples)
-    tmp.replace(cache)  # atomic: a crashed write never leaves a half cache
-  return examples
+    captions = [str(c) for c in item["captions"]]
+    yield f"toy{i:06d}", {
+        "latents": np.asarray(codec.encode(video), np.float32)[0],
+        "text": encode_captions(captions, text_encoder, data_cfg["text_len"]).astype(np.float32),
+        "captions": captions,
+        "segments": np.arange(len(captions), dtype=np.int32),
+        "scenes": item["scenes"],
+        "source": f"toy_cartoons[{i}]",
+    }
 
 
-class _Examples(grain.RandomAccessDataSource):
-  def __init__(self, examples: Mapping[str, np.ndarray]):
-    self._examples = examples
-
-  def __len__(self) -> int:
-    return len(self._examples["latents"])
-
-  def __getitem__(self, index: int) -> dict[str, np.ndarray]:
-    return {k: v[index] for k, v in self._examples.items()}
+def prepare_command(data_cfg: Mapping[str, Any], seconds: int) -> str:
+  return (f"prepare it with python -m ttt_jax.data.prepare --storyboard=STORY.jsonl "
+          f"--videos=DIR --out={data_cfg['dir'] or 'DATA_DIR'} --config=<the {seconds} s "
+          f"stage config>")
 
 
-def batches(examples: Mapping[str, np.ndarray], global_batch: int, seed: int
-            ) -> grain.DatasetIterator:
-  """Endless iterator of this process's rows of each global batch, from its examples.
+def open_dataset(data_cfg: Mapping[str, Any], seconds: int, codec: LatentCodec,
+                 text_encoder: TextEncoder, workdir: str | pathlib.Path):
+  """The random-access source of `seconds`-long training clips this data config names.
 
-  Returns a grain iterator: `get_state()` / `set_state()` checkpoint it.
+  Toy cartoons are built on first use by process 0 (the others wait), so
+  data.dir must be shared by all processes, like the checkpoint folder.
   """
-  n_proc = jax.process_count()
+  spec = clip_spec(data_cfg, seconds, codec, text_encoder)
+  if data_cfg["name"] == "storyboard":
+    if not data_cfg["dir"]:
+      raise ValueError("data.name='storyboard' needs data.dir, the folder "
+                       "python -m ttt_jax.data.prepare wrote")
+    return dataset.read(data_cfg["dir"], f"{seconds}s", spec,
+                        hint=prepare_command(data_cfg, seconds))
+  if data_cfg["name"] != "toy_cartoons":
+    raise ValueError(f"unknown data.name {data_cfg['name']!r}; known: {DATASETS}")
+  data_dir = data_cfg["dir"] or pathlib.Path(workdir) / "data"
+  config = toy_config_name(data_cfg, seconds)
+  if jax.process_index() == 0 and not (dataset.location(data_dir, config) / dataset.VERSION).exists():
+    dataset.write(toy_examples(data_cfg, seconds, codec, text_encoder), data_dir, config, spec,
+                  description=f"toy cartoons, {seconds} s clips")
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices("toy cartoons written")
+  return dataset.read(data_dir, config, spec)
+
+
+def _training_arrays(example: Mapping[str, Any]) -> dict[str, np.ndarray]:
+  return {"latents": example["latents"], "text": example["text"]}
+
+
+def batches(source: Any, global_batch: int, seed: int, prefetch: int = 2
+            ) -> grain.DatasetIterator:
+  """Endless iterator of this process's rows of each global batch.
+
+  `source`: random access (len, [i]) to examples with "latents" and "text".
+  Process p reads examples p, p + P, ...; at most `prefetch` batches are
+  read ahead. Returns a grain iterator: `get_state()` / `set_state()`
+  checkpoint it.
+  """
+  n_proc, proc = jax.process_count(), jax.process_index()
   if global_batch % n_proc:
     raise ValueError(f"train.batch_size {global_batch} is not divisible by the "
                      f"{n_proc} JAX processes")
-  ds = grain.MapDataset.source(_Examples(examples)).shuffle(seed=seed).repeat()
-  return iter(ds.batch(global_batch // n_proc, drop_remainder=True))
+  if len(source) < n_proc:
+    raise ValueError(f"the dataset has {len(source)} clips, fewer than the {n_proc} JAX "
+                     f"processes that share it")
+  ds = grain.MapDataset.source(source)[proc::n_proc].shuffle(seed=seed).repeat()
+  ds = ds.map(_training_arrays).batch(global_batch // n_proc, drop_remainder=True)
+  return iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=max(1, prefetch),
+                                                   prefetch_buffer_size=prefetch)))
