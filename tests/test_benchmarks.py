@@ -67,3 +67,16 @@ def test_convert_memory_benchmark_json():
   assert row["shards"] > 1 and row["depth"] == 2
   assert 0 < row["weights_gb"] <= row["output_gb"] * 1.01 and row["peak_rss_gb"] > row["weights_gb"]
   assert math.isfinite(row["peak_over_weights"]) and row["seconds"] > 0
+
+
+def test_vae_memory_benchmark_json():
+  """A narrow VAE streams two lengths through decode_chunks; RSS peaks come back as JSON."""
+  proc = subprocess.run(
+      [sys.executable, "benchmarks/vae_memory.py", "--nocompiled", "--latent_frames=1,5",
+       "--latent_size=8,12"], cwd=REPO, capture_output=True, text=True, timeout=300, check=False)
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  row = json.loads(proc.stdout.strip().splitlines()[-1])
+  runs = row["streamed"]["runs"]
+  assert [r["latent_frames"] for r in runs] == [1, 5] and [r["frames"] for r in runs] == [1, 17]
+  assert all(r["peak_rss_gb"] > 0 and r["chunks"] >= 1 for r in runs)
+  assert "compiled" not in row

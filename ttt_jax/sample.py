@@ -92,15 +92,14 @@ def sample_video(workdir: str | pathlib.Path, captions: list[str], *, steps: int
   x_T = jax.random.normal(k_noise, shape)
 
   graph, params = nnx.split(model)
-  forward = jax.jit(lambda p, x, t, c: nnx.merge(graph, p)(x, c, t, layout))
-  denoise = lambda x, t, c: forward(params, x, t, c)
+  denoise = lambda p, x, t, c: nnx.merge(graph, p)(x, c, t, layout)  # params as an argument
   kw = dict(schedule=NoiseSchedule.create(num_steps=config.diffusion.num_steps),
             num_steps=steps, guidance_scale=guidance_scale, dynamic_cfg=s.dynamic_cfg,
             progress=progress)
   if sampler == "ddim":
-    latents = ddim_sample(denoise, x_T, cond, uncond, **kw)
+    latents = ddim_sample(denoise, params, x_T, cond, uncond, **kw)
   else:
-    latents = dpmpp_2m_sample(denoise, x_T, cond, uncond, rng=k_sde,
+    latents = dpmpp_2m_sample(denoise, params, x_T, cond, uncond, rng=k_sde,
                               sde=sampler == "dpmpp_2m_sde", **kw)
   # Chunk by chunk to uint8 on the host: the decoder's memory stays one chunk's.
   return np.concatenate([np.round((np.clip(chunk[0], -1.0, 1.0) + 1.0) * 127.5).astype(np.uint8)

@@ -11,6 +11,7 @@ the known bias of each sampler, which the tests compute instead of absorbing.
 """
 
 import math
+import re
 
 import jax
 import jax.numpy as jnp
@@ -28,6 +29,15 @@ MIX_W = np.array([0.2, 0.5, 0.3])
 MIX_MU = np.array([[-2.0, 0.0], [1.5, 1.5], [1.0, -2.0]])
 MIX_SD = np.array([0.3, 0.5, 0.4])
 
+
+
+def _params_free(sampler):
+  """A sampler for these tests' exact, weight-free models denoise(x, t, cond) -> v (the
+  samplers call denoise(params, x, t, cond); params is None here)."""
+  return lambda denoise, *a, **kw: sampler(lambda _, x, t, c: denoise(x, t, c), None, *a, **kw)
+
+
+ddim, dpmpp_2m = _params_free(ddim_sample), _params_free(dpmpp_2m_sample)
 
 def mixture_x0(x: jax.Array, t: jax.Array) -> jax.Array:
   """E[x0 | x_t] for the mixture; x [B, 2], t int [B].
@@ -279,12 +289,12 @@ def test_samplers_recover_mixture(name, num_steps, std_tol):
   x_T = jax.random.normal(jax.random.PRNGKey(0), (4000, 2))
   rng = jax.random.PRNGKey(10)
   if name == "ddim":
-    x = ddim_sample(mixture_denoise, x_T, None, None, SCHED, num_steps, 1.0)
+    x = ddim(mixture_denoise, x_T, None, None, SCHED, num_steps, 1.0)
   elif name == "ddim_eta1":
-    x = ddim_sample(mixture_denoise, x_T, None, None, SCHED, num_steps, 1.0,
+    x = ddim(mixture_denoise, x_T, None, None, SCHED, num_steps, 1.0,
                     eta=1.0, rng=rng)
   else:
-    x = dpmpp_2m_sample(mixture_denoise, x_T, None, None, SCHED, num_steps,
+    x = dpmpp_2m(mixture_denoise, x_T, None, None, SCHED, num_steps,
                         1.0, rng=rng, sde=name.endswith("sde"))
   x = np.asarray(x)
   assert np.all(np.isfinite(x))
@@ -317,12 +327,12 @@ def test_ode_solvers_converge_to_exact_flow_and_agree():
   def run(sampler, n):
     return np.asarray(sampler(gauss_denoise, x_T, None, None, SCHED, n, 1.0))
 
-  err_ddim = np.abs(run(ddim_sample, 100) - exact(100)).max()
-  err_dpm = np.abs(run(dpmpp_2m_sample, 100) - exact(100)).max()
+  err_ddim = np.abs(run(ddim, 100) - exact(100)).max()
+  err_dpm = np.abs(run(dpmpp_2m, 100) - exact(100)).max()
   # Measured: 0.032 vs 0.0049. The large final steps in lambda keep both
   # below their nominal order, but the second-order gain must remain.
   assert err_dpm < 0.25 * err_ddim and err_dpm < 0.01
-  ddim_500, dpm_500 = run(ddim_sample, 500), run(dpmpp_2m_sample, 500)
+  ddim_500, dpm_500 = run(ddim, 500), run(dpmpp_2m, 500)
   np.testing.assert_allclose(dpm_500, exact(500), atol=3e-3)
   # DDIM's first-order error at 500 steps is ~0.01 (max over |z| < 4).
   np.testing.assert_allclose(ddim_500, dpm_500, atol=0.02)
@@ -335,8 +345,8 @@ def test_ode_solvers_agree_on_mixture():
   discretisation error, so the agreement is asserted for 99% of them.
   """
   x_T = jax.random.normal(jax.random.PRNGKey(2), (2000, 2))
-  a = ddim_sample(mixture_denoise, x_T, None, None, SCHED, 500, 1.0)
-  b = dpmpp_2m_sample(mixture_denoise, x_T, None, None, SCHED, 500, 1.0)
+  a = ddim(mixture_denoise, x_T, None, None, SCHED, 500, 1.0)
+  b = dpmpp_2m(mixture_denoise, x_T, None, None, SCHED, 500, 1.0)
   diff = np.abs(np.asarray(a - b)).max(axis=1)
   assert np.quantile(diff, 0.99) < 0.02  # measured ~0.01
   assert np.median(diff) < 5e-3  # measured ~0.003
@@ -345,8 +355,8 @@ def test_ode_solvers_agree_on_mixture():
 def test_dpmpp_first_order_steps_are_ddim():
   """With two steps DPM-Solver++(2M) takes only first-order steps = DDIM."""
   x_T = jax.random.normal(jax.random.PRNGKey(3), (256, 2))
-  a = ddim_sample(mixture_denoise, x_T, None, None, SCHED, 2, 1.0)
-  b = dpmpp_2m_sample(mixture_denoise, x_T, None, None, SCHED, 2, 1.0)
+  a = ddim(mixture_denoise, x_T, None, None, SCHED, 2, 1.0)
+  b = dpmpp_2m(mixture_denoise, x_T, None, None, SCHED, 2, 1.0)
   np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
 
 
@@ -396,7 +406,7 @@ def test_dpmpp_matches_float64_reference(sde):
   noises = [np.asarray(jax.random.normal(jax.random.fold_in(rng, i), x_T.shape),
                        np.float64) for i in range(num_steps)] if sde else None
   ref = _reference_dpmpp_2m(mixture_denoise_jit, x_T, num_steps, noises)
-  out = dpmpp_2m_sample(mixture_denoise, x_T, None, None, SCHED, num_steps, 1.0,
+  out = dpmpp_2m(mixture_denoise, x_T, None, None, SCHED, num_steps, 1.0,
                         rng=rng, sde=sde)
   np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-4)
 
@@ -426,7 +436,7 @@ def _cfg_inputs(B=8):
 
 def test_guidance_scale_one_is_cond_only_single_call():
   x_T, cond, uncond = _cfg_inputs()
-  for sampler in (ddim_sample, dpmpp_2m_sample):
+  for sampler in (ddim, dpmpp_2m):
     f, sizes = _recording(mixture_denoise)
     guided = sampler(f, x_T, cond, uncond, SCHED, 4, 1.0)
     assert set(sizes) == {x_T.shape[0]}
@@ -448,7 +458,7 @@ def test_one_step_guided_combination(dynamic):
   v_u = mixture_denoise(x_T, t, uncond)
   scale = 1.0 + s if dynamic else s  # dynamic ramp at step 0 of 1
   expected = -(v_u + scale * (v_c - v_u))
-  for sampler in (ddim_sample, dpmpp_2m_sample):
+  for sampler in (ddim, dpmpp_2m):
     out = sampler(mixture_denoise, x_T, cond, uncond, SCHED, 1, s,
                   dynamic_cfg=dynamic)
     np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
@@ -481,7 +491,7 @@ def test_ddim_dynamic_cfg_matches_float64_reference():
     a_s, s_s = np.sqrt(abar[i]), np.sqrt(1 - abar[i])
     x0, eps = a_s * x - s_s * v, s_s * x + a_s * v
     x = np.sqrt(abar[i + 1]) * x0 + np.sqrt(1 - abar[i + 1]) * eps
-  out = ddim_sample(mixture_denoise, x_T, cond, uncond, SCHED, n, s,
+  out = ddim(mixture_denoise, x_T, cond, uncond, SCHED, n, s,
                     dynamic_cfg=True)
   np.testing.assert_allclose(out, x, rtol=1e-4, atol=1e-4)
 
@@ -495,8 +505,8 @@ def test_guidance_with_pytree_conditioning():
     shift, m = c
     return mixture_denoise(x, t, shift * m[:, :1])
 
-  a = ddim_sample(denoise, x_T, (cond, mask), (uncond, mask), SCHED, 5, 3.0)
-  b = ddim_sample(mixture_denoise, x_T, cond, uncond, SCHED, 5, 3.0)
+  a = ddim(denoise, x_T, (cond, mask), (uncond, mask), SCHED, 5, 3.0)
+  b = ddim(mixture_denoise, x_T, cond, uncond, SCHED, 5, 3.0)
   np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
 
 
@@ -513,9 +523,9 @@ def test_progress_loop_equals_fori_loop(kind):
   def run(progress):
     kw = dict(dynamic_cfg=True, progress=progress)
     if kind.startswith("ddim"):
-      return ddim_sample(mixture_denoise, x_T, cond, uncond, SCHED, 8, 4.0,
+      return ddim(mixture_denoise, x_T, cond, uncond, SCHED, 8, 4.0,
                          eta=0.5 if kind == "ddim_eta" else 0.0, rng=rng, **kw)
-    return dpmpp_2m_sample(mixture_denoise, x_T, cond, uncond, SCHED, 8, 4.0,
+    return dpmpp_2m(mixture_denoise, x_T, cond, uncond, SCHED, 8, 4.0,
                            rng=rng, sde=kind == "dpmpp_sde", **kw)
 
   # Same jaxpr per step, same noise keys: bit-identical.
@@ -527,11 +537,11 @@ def test_samplers_jit():
 
   @jax.jit
   def sample(x_T, cond, uncond, sched):
-    return dpmpp_2m_sample(mixture_denoise, x_T, cond, uncond, sched, 8, 4.0)
+    return dpmpp_2m(mixture_denoise, x_T, cond, uncond, sched, 8, 4.0)
 
   np.testing.assert_allclose(
       sample(x_T, cond, uncond, SCHED),
-      dpmpp_2m_sample(mixture_denoise, x_T, cond, uncond, SCHED, 8, 4.0),
+      dpmpp_2m(mixture_denoise, x_T, cond, uncond, SCHED, 8, 4.0),
       rtol=1e-6, atol=1e-6)
 
 
@@ -550,10 +560,10 @@ def test_no_nan_or_inf_anywhere(kind):
   rng = jax.random.PRNGKey(8)
   with jax.disable_jit(), jax.debug_nans(True), jax.debug_infs(True):
     if kind.startswith("ddim"):
-      out = ddim_sample(mixture_denoise, x_T, cond, uncond, SCHED, 3, 3.0,
+      out = ddim(mixture_denoise, x_T, cond, uncond, SCHED, 3, 3.0,
                         eta=1.0 if kind == "ddim_eta" else 0.0, rng=rng)
     else:
-      out = dpmpp_2m_sample(mixture_denoise, x_T, cond, uncond, SCHED, 4, 3.0,
+      out = dpmpp_2m(mixture_denoise, x_T, cond, uncond, SCHED, 4, 3.0,
                             rng=rng, sde=kind == "dpmpp_sde")
   assert np.all(np.isfinite(np.asarray(out)))
 
@@ -567,7 +577,7 @@ def test_first_step_from_pure_noise():
   a1, s1 = (float(v[0]) for v in SCHED.alpha_sigma(jnp.array([499])))
   x1 = a1 * x0_hat + s1 * x_T
   expected = mixture_x0(x1, jnp.full((x_T.shape[0],), 499))
-  for sampler in (ddim_sample, dpmpp_2m_sample):
+  for sampler in (ddim, dpmpp_2m):
     out = sampler(mixture_denoise, x_T, None, None, SCHED, 2, 1.0)
     np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
   # The SDE's first step discards x_T entirely (exp(-h) = 0).
@@ -575,7 +585,7 @@ def test_first_step_from_pure_noise():
   z0 = jax.random.normal(jax.random.fold_in(rng, 0), x_T.shape)
   t1 = jnp.full((x_T.shape[0],), 499)
   expected_sde = mixture_x0(a1 * x0_hat + s1 * z0, t1)
-  out = dpmpp_2m_sample(mixture_denoise, x_T, None, None, SCHED, 2, 1.0,
+  out = dpmpp_2m(mixture_denoise, x_T, None, None, SCHED, 2, 1.0,
                         rng=rng, sde=True)
   np.testing.assert_allclose(out, expected_sde, rtol=1e-5, atol=1e-5)
 
@@ -588,3 +598,33 @@ def test_timesteps_trailing():
   np.testing.assert_array_equal(timesteps(1000, SCHED), np.arange(999, -1, -1))
   with pytest.raises(ValueError):
     timesteps(1001, SCHED)
+
+
+@pytest.mark.parametrize("progress", [False, True])
+def test_params_and_captions_are_arguments_not_constants(monkeypatch, progress):
+  """The model's weights and the captions enter the sampling loop as jit arguments: a
+  closed-over array would be baked into the program as a constant (GBs at 5B)."""
+  from ttt_jax.diffusion import samplers
+  w = jax.random.normal(jax.random.PRNGKey(0), (48, 48))  # "weights", a shape nothing else has
+  cond, uncond = jnp.full((2, 48), 0.5), jnp.zeros((2, 48))
+  x_T = jax.random.normal(jax.random.PRNGKey(1), (2, 48))
+  programs, jit = [], jax.jit
+
+  def spy(f, **kw):
+    jitted = jit(f, **kw)
+
+    def call(*args):
+      programs.append(jitted.lower(*args).as_text())
+      return jitted(*args)
+    return call
+
+  monkeypatch.setattr(samplers.jax, "jit", spy)
+  denoise = lambda p, x, t, c: x @ p + c
+  for sampler in (ddim_sample, dpmpp_2m_sample):
+    out = sampler(denoise, w, x_T, cond, uncond, SCHED, 3, 2.0, progress=progress)
+    assert out.shape == x_T.shape and bool(jnp.isfinite(out).all())
+  assert programs
+  for text in programs:  # 48x48 f32 in the program only as an argument type, never a constant
+    assert not re.search(r"stablehlo.constant dense<[^>]*> : tensor<48x48xf32>", text)
+    assert not re.search(r"constant dense<[^>]*> : tensor<2x48xf32>", text)
+    assert "tensor<48x48xf32>" in text

@@ -225,6 +225,21 @@ def test_bf16_matmuls_track_fp32(kind):
 
 
 @pytest.mark.parametrize("kind", ["linear", "mlp"])
+def test_bf16_tokens_are_cast_per_minibatch_not_per_sequence(kind):
+  """No fp32 copy of the whole q / k / v: outside the scan body no op turns a bf16
+  sequence-sized [.., NC, ..] token array into fp32 (each step casts its own mini-batch)."""
+  tokens, params = make_inputs(jax.random.key(12), NC=4, K=8, d=16, kind=kind)
+  tokens = tuple(x.astype(jnp.bfloat16) for x in tokens)
+  f = lambda t, p: run_op(kind, t, p, matmul_dtype=jnp.bfloat16, remat_group=2)
+  jaxpr = jax.make_jaxpr(f)(tokens, params).jaxpr
+  seq_casts = [e for e in jaxpr.eqns if e.primitive.name == "convert_element_type"
+               and e.outvars[0].aval.dtype == jnp.float32 and 4 in e.outvars[0].aval.shape]
+  assert not seq_casts, seq_casts
+  scans = [e for e in jaxpr.eqns if e.primitive.name == "scan"]
+  assert scans and all(v.aval.dtype == jnp.bfloat16 for v in scans[0].invars[-4:])
+
+
+@pytest.mark.parametrize("kind", ["linear", "mlp"])
 def test_remat_bounds_backward_memory(kind):
   """Residual memory of the backward pass shrinks with the remat group."""
   tokens, params = make_inputs(jax.random.key(10), B=1, H=2, NC=64, K=16, d=16, kind=kind)

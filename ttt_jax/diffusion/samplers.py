@@ -12,8 +12,11 @@ h / h_prev = (lambda_t - lambda_s) / (lambda_s - lambda_prev), whose limit is 0
 when alpha_prev = 0, and is taken as such instead of computing inf / inf.
 
 Classifier-free guidance runs the conditional and unconditional branches in
-one denoise call on the batch [cond; uncond]. The loop is a `lax.fori_loop`,
-or with progress=True a Python loop over the same jitted step under tqdm.
+one denoise call on the batch [cond; uncond]. The loop is a jitted
+`lax.fori_loop`, or with progress=True a Python loop over the same jitted
+step under tqdm. The model's params, cond and uncond are arguments of that
+jitted code, never closed over: closed-over arrays would be baked into the
+program as constants (gigabytes at 5B).
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from ttt_jax.diffusion.schedule import NoiseSchedule
 
 Array = jax.Array
 Cond = Any  # an array or pytree of arrays with leading batch axis B
-Denoise = Callable[[Array, Array, Cond], Array]  # (x_t, t [B], cond) -> v
+Denoise = Callable[[Any, Array, Array, Cond], Array]  # (params, x_t, t [B], cond) -> v
 
 
 def timesteps(num_inference_steps: int, schedule: NoiseSchedule) -> Array:
@@ -74,6 +77,7 @@ def _log_snr(alpha: Array, sigma: Array) -> Array:
 
 def _guided_v(
     denoise: Denoise,
+    params: Any,
     x: Array,
     t: Array,
     cond: Cond,
@@ -87,46 +91,49 @@ def _guided_v(
   batch = x.shape[0]
   t_b = jnp.full((batch,), t, jnp.int32)  # [B]
   if uncond is None:
-    return denoise(x, t_b, cond)
+    return denoise(params, x, t_b, cond)
   both = jax.tree.map(lambda c, u: jnp.concatenate([c, u], axis=0),
                       cond, uncond)
-  v = denoise(jnp.concatenate([x, x], axis=0),
+  v = denoise(params, jnp.concatenate([x, x], axis=0),
               jnp.concatenate([t_b, t_b], axis=0), both)  # [2B, ...]
   v_c, v_u = v[:batch], v[batch:]
   return v_u + scale * (v_c - v_u)
 
 
 def _run(
-    step: Callable[[Array, Any], Any], carry: Any, num_steps: int,
+    step: Callable[[Array, Any, Any], Any], carry: Any, args: Any, num_steps: int,
     progress: bool, desc: str,
 ) -> Any:
-  """fori_loop, or a Python loop over the same jitted step with a tqdm bar."""
+  """Jitted fori_loop, or a Python loop over the same jitted step with a tqdm bar.
+
+  args = (params, cond, uncond) reach `step(i, carry, args)` as jit arguments.
+  """
   if not progress:
-    return lax.fori_loop(0, num_steps, step, carry)
+    loop = lambda c, a: lax.fori_loop(0, num_steps, lambda i, c: step(i, c, a), c)
+    return jax.jit(loop)(carry, args)
   step = jax.jit(step)
   for i in tqdm(range(num_steps), desc=desc):
-    carry = step(jnp.asarray(i, jnp.int32), carry)
+    carry = step(jnp.asarray(i, jnp.int32), carry, args)
   return carry
 
 
 def _make_predict_v(
     denoise: Denoise,
-    cond: Cond,
-    uncond: Cond | None,
+    guided: bool,
     num_steps: int,
     guidance_scale: float,
     dynamic_cfg: bool,
-) -> Callable[[Array, Array, Array], Array]:
-  """v(x, t, step_index), guided unless uncond is None or the scale is 1."""
-  if uncond is None or guidance_scale == 1.0:
-    return lambda x, t, i: _guided_v(denoise, x, t, cond, None, None)
+) -> Callable[[Any, Array, Array, Array], Array]:
+  """v(args, x, t, step_index) with args = (params, cond, uncond); guided if `guided`."""
+  if not guided:
+    return lambda args, x, t, i: _guided_v(denoise, args[0], x, t, args[1], None, None)
 
-  def predict_v(x: Array, t: Array, i: Array) -> Array:
+  def predict_v(args: Any, x: Array, t: Array, i: Array) -> Array:
     if dynamic_cfg:
       scale = dynamic_guidance_scale(i, num_steps, guidance_scale)
     else:
       scale = jnp.float32(guidance_scale)
-    return _guided_v(denoise, x, t, cond, uncond, scale)
+    return _guided_v(denoise, args[0], x, t, args[1], args[2], scale)
 
   return predict_v
 
@@ -139,6 +146,7 @@ def _steps(num_steps: int, schedule: NoiseSchedule) -> tuple[Array, Array]:
 
 def ddim_sample(
     denoise: Denoise,
+    params: Any,
     x_T: Array,
     cond: Cond,
     uncond: Cond | None,
@@ -150,7 +158,8 @@ def ddim_sample(
     dynamic_cfg: bool = False,
     progress: bool = False,
 ) -> Array:
-  """DDIM (Song et al. 2021) from pure noise x_T [B, ...] to x0 [B, ...].
+  """DDIM (Song et al. 2021) from pure noise x_T [B, ...] to x0 [B, ...]; `params` is
+  denoise's first argument (the model's weights: any pytree, or None).
 
   From s to t: x_t = alpha_t x0 + sqrt(sigma_t^2 - c^2) eps + c z with
   c = eta (sigma_t / sigma_s) sqrt(1 - abar_s / abar_t); eta = 0 is the
@@ -160,13 +169,14 @@ def ddim_sample(
   if eta > 0 and rng is None:
     raise ValueError("ddim_sample with eta > 0 needs rng")
   ts, ts_next = _steps(num_steps, schedule)  # [n] each
-  predict_v = _make_predict_v(denoise, cond, uncond, num_steps,
-                              guidance_scale, dynamic_cfg)
+  guided = uncond is not None and guidance_scale != 1.0
+  predict_v = _make_predict_v(denoise, guided, num_steps, guidance_scale, dynamic_cfg)
+  args = (params, cond, uncond if guided else None)
 
-  def step(i: Array, x: Array) -> Array:
+  def step(i: Array, x: Array, args: Any) -> Array:
     alpha_s, sigma_s = _alpha_sigma(schedule, ts[i])
     alpha_t, sigma_t = _alpha_sigma(schedule, ts_next[i])
-    v = predict_v(x, ts[i], i).astype(jnp.float32)
+    v = predict_v(args, x, ts[i], i).astype(jnp.float32)
     xf = x.astype(jnp.float32)
     x0 = alpha_s * xf - sigma_s * v
     eps = sigma_s * xf + alpha_s * v
@@ -178,11 +188,12 @@ def ddim_sample(
     direction = jnp.sqrt(jnp.maximum(jnp.square(sigma_t) - jnp.square(c), 0.0))
     return (alpha_t * x0 + direction * eps + c * z).astype(x.dtype)
 
-  return _run(step, x_T, num_steps, progress, "DDIM")
+  return _run(step, x_T, args, num_steps, progress, "DDIM")
 
 
 def dpmpp_2m_sample(
     denoise: Denoise,
+    params: Any,
     x_T: Array,
     cond: Cond,
     uncond: Cond | None,
@@ -208,15 +219,16 @@ def dpmpp_2m_sample(
     raise ValueError("dpmpp_2m_sample with sde=True needs rng")
   ts, ts_next = _steps(num_steps, schedule)  # [n] each
   ts_prev = jnp.concatenate([ts[:1], ts[:-1]])  # [n]; entry 0 unused
-  predict_v = _make_predict_v(denoise, cond, uncond, num_steps,
-                              guidance_scale, dynamic_cfg)
+  guided = uncond is not None and guidance_scale != 1.0
+  predict_v = _make_predict_v(denoise, guided, num_steps, guidance_scale, dynamic_cfg)
+  args = (params, cond, uncond if guided else None)
 
-  def step(i: Array, carry: tuple[Array, Array]) -> tuple[Array, Array]:
+  def step(i: Array, carry: tuple[Array, Array], args: Any) -> tuple[Array, Array]:
     x, x0_prev = carry  # [B, ...] each
     alpha_p, sigma_p = _alpha_sigma(schedule, ts_prev[i])
     alpha_s, sigma_s = _alpha_sigma(schedule, ts[i])
     alpha_t, sigma_t = _alpha_sigma(schedule, ts_next[i])
-    v = predict_v(x, ts[i], i).astype(jnp.float32)
+    v = predict_v(args, x, ts[i], i).astype(jnp.float32)
     xf = x.astype(jnp.float32)
     x0 = alpha_s * xf - sigma_s * v
 
@@ -239,6 +251,6 @@ def dpmpp_2m_sample(
       x_next = (sigma_t / sigma_s) * xf + alpha_t * (1.0 - exp_neg_h) * d
     return x_next.astype(x.dtype), x0.astype(x.dtype)
 
-  x, _ = _run(step, (x_T, jnp.zeros_like(x_T)), num_steps, progress,
+  x, _ = _run(step, (x_T, jnp.zeros_like(x_T)), args, num_steps, progress,
               "DPM++(2M) SDE" if sde else "DPM++(2M)")
   return x

@@ -24,7 +24,8 @@ Two inner models g:
 
 Precision: the fast-weight state and all reductions are fp32 (fp64 if the
 inputs are fp64); matmul operands are cast to `matmul_dtype` (e.g. bf16 on
-accelerators) and accumulate in the state dtype.
+accelerators) and accumulate in the state dtype. q, k, v and eta stay in
+their input dtype in memory; each scan step casts its own mini-batch.
 """
 
 from __future__ import annotations
@@ -90,8 +91,9 @@ def _run(step_fn, q, k, v, eta, ln_weight, ln_bias, weights, *, remat_group,
   matmul_dtype = state_dtype if matmul_dtype is None else matmul_dtype
   state = tuple(
       jnp.broadcast_to(w.astype(state_dtype)[None], (B, *w.shape)) for w in weights)
-  # Scan axis first: [NC, B, H, K, d] (eta [NC, B, H, K, 1]).
-  xs = tuple(jnp.moveaxis(x.astype(state_dtype), 2, 0) for x in (q, k, v, eta[..., None]))
+  # Scan axis first: [NC, B, H, K, d] (eta [NC, B, H, K, 1]), still in the input dtype:
+  # each step casts its own mini-batch, so no fp32 copy of the whole sequence exists.
+  xs = tuple(jnp.moveaxis(x, 2, 0) for x in (q, k, v, eta[..., None]))
   step = functools.partial(
       step_fn,
       ln_w=ln_weight.astype(state_dtype)[None, :, None, :],  # [1, H, 1, d]
@@ -99,7 +101,8 @@ def _run(step_fn, q, k, v, eta, ln_weight, ln_bias, weights, *, remat_group,
       eps=eps,
       mm=matmul(matmul_dtype, state_dtype),
   )
-  final, out = scan_remat(step, state, xs, remat_group)
+  cast_step = lambda carry, x: step(carry, tuple(t.astype(state_dtype) for t in x))
+  final, out = scan_remat(cast_step, state, xs, remat_group)
   out = jnp.moveaxis(out, 0, 2).astype(q.dtype)  # [B, H, NC, K, d]
   return (out, final) if return_final_weights else out
 
