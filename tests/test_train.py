@@ -139,3 +139,17 @@ def test_text_dropout_is_applied_in_the_loss(loss_setup, p):
     # Beyond float32 rounding of a mean over ~10^4 elements (~1e-7 relative): two captions
     # differ by ~1e-4 here, a caption and the null caption by ~1e-2.
     assert abs(a - b) > 1e-5 * abs(a) and abs(a - null) > 1e-3 * abs(a), (a, b, null)
+
+
+def test_the_train_state_is_donated(loss_setup):
+  """Each step updates params and AdamW moments in place: the previous buffers are freed."""
+  cfg = small_config()
+  model = build_model(cfg)
+  optimizer = nnx.Optimizer(model, optim.make_optimizer(cfg.optim), wrt=nnx.Param)
+  _, layout, latents, texts = loss_setup
+  step = train.make_step_fn(cfg, layout, NoiseSchedule.create(num_steps=1000), model, optimizer)
+  old = jax.tree.leaves(nnx.state((model, optimizer)))
+  out = step({"latents": latents, "text": texts[0]}, jax.random.key(0), np.zeros_like(texts[0][0]))
+  assert np.isfinite(float(out["loss"]))
+  assert all(x.is_deleted() for x in old if isinstance(x, jax.Array) and x.size > 1)
+  assert not any(x.is_deleted() for x in jax.tree.leaves(nnx.state((model, optimizer))))

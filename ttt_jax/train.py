@@ -80,6 +80,22 @@ def train_step(model: dit.VideoDiT, optimizer: nnx.Optimizer, batch: dict[str, j
   return {"loss": loss, "grad_norm": grad_norm, "finite": finite}
 
 
+def make_step_fn(config: ml_collections.ConfigDict, layout: VideoLayout, schedule: NoiseSchedule,
+                 model: dit.VideoDiT, optimizer: nnx.Optimizer):
+  """step(batch, rng, null_text) -> outputs: the jitted `train_step` bound to this state.
+
+  The state is donated: each step updates params and AdamW moments in place,
+  so old and new state are never both alive (Orbax copies arrays to the host
+  before `save` returns, so a pending async save is safe).
+  """
+  return nnx.cached_partial(  # cached graph traversal: less Python per step
+      nnx.jit(functools.partial(train_step, optim_cfg=config.optim.to_dict(), layout=layout,
+                                schedule=schedule, text_dropout=config.diffusion.text_dropout,
+                                skip_nonfinite=config.train.nonfinite == "skip"),
+              donate_argnums=(0, 1)),
+      model, optimizer)
+
+
 def record_config(workdir: pathlib.Path, config: ml_collections.ConfigDict) -> None:
   """config.json = this run's config; every run appends to config_history.jsonl, and a
   resumed run whose config changed says which keys."""
@@ -182,11 +198,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
 
   # ------------------------------------------------------------------ loop
   schedule = NoiseSchedule.create(num_steps=config.diffusion.num_steps)
-  step_fn = nnx.cached_partial(  # cached graph traversal: less Python per step
-      nnx.jit(functools.partial(train_step, optim_cfg=config.optim.to_dict(), layout=layout,
-                                schedule=schedule, text_dropout=config.diffusion.text_dropout,
-                                skip_nonfinite=config.train.nonfinite == "skip")),
-      model, optimizer)
+  step_fn = make_step_fn(config, layout, schedule, model, optimizer)
   lr = {g: optim.learning_rate(config.optim, g) for g in optim.GROUPS}
   tokens_per_step = config.train.batch_size * layout.seq_len
   # Step outputs stay on the device until a log, checkpoint or signal point (no per-step

@@ -181,6 +181,12 @@ def test_start_and_end_select_the_captioned_part(good, tmp_path):
   decoded = read_mp4(root / "v0.mp4")
   np.testing.assert_array_equal(prepare.decode(entries[0], H, W), decoded[48:])
   np.testing.assert_array_equal(prepare.decode(entries[1], H, W), decoded[:49])
+  # Two ranges of one file in one storyboard: distinct clips, nothing overwritten.
+  story = storyboard(tmp_path, [
+      line("v0.mp4", list(toy.captions[:1]), list(toy.scenes[:1]), end=3.0),
+      line("v0.mp4", list(toy.captions[1:]), list(toy.scenes[1:]), start=3.0)])
+  summary = prepare.prepare(small_config(3), story, root, tmp_path / "data")
+  assert summary["datasets"]["3s"]["clips"] == 3 and summary["skipped"] == []
 
 
 def test_command_line(good, tmp_path):

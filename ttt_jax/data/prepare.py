@@ -66,6 +66,7 @@ class Entry:
   scenes: tuple[int, ...]
   start: float = 0.0
   end: float | None = None
+  source: str = ""  # the storyboard's name for the video (relative to --videos)
 
   @property
   def frames_needed(self) -> int:
@@ -85,7 +86,8 @@ def read_storyboard(path: str | pathlib.Path, videos: str | pathlib.Path
       video, scenes = raw["video"], raw["scenes"]
       captions = [c for scene in scenes for c in scene["captions"]]
       scene_ids = [i for i, scene in enumerate(scenes) for _ in scene["captions"]]
-      start, end = float(raw.get("start", 0.0)), raw.get("end")
+      start = float(raw.get("start", 0.0))
+      end = None if raw.get("end") is None else float(raw["end"])
     except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
       out.append(BadInput(where, f"not a storyboard line ({type(e).__name__}: {e}); expected "
                           f'{{"video": FILE, "scenes": [{{"captions": [...]}}, ...]}}'))
@@ -96,11 +98,11 @@ def read_storyboard(path: str | pathlib.Path, videos: str | pathlib.Path
                           f"scene needs >= 1 caption and every caption text"
                           + (f" (scene(s) {empty} have none)" if empty else "")))
       continue
-    if start < 0 or (end is not None and float(end) <= start):
+    if start < 0 or (end is not None and end <= start):
       out.append(BadInput(where, f"({video}) start={start}, end={end} is not an interval"))
       continue
     out.append(Entry(pathlib.Path(videos) / video, tuple(captions), tuple(scene_ids), start,
-                     None if end is None else float(end)))
+                     end, str(video)))
   return out
 
 
@@ -191,7 +193,9 @@ def clips(entry: Entry, frames: np.ndarray, seconds: int, stride: int | None = N
         "captions": list(entry.captions[s0:s0 + n]),
         "segments": np.arange(s0, s0 + n, dtype=np.int32),
         "scenes": np.asarray(entry.scenes[s0:s0 + n], np.int32),
-        "source": entry.video.name,
+        "source": entry.source,
+        # Unique even for two ranges (start / end) of one file.
+        "key": f"{entry.source}@{entry.start:g}s:{s0}",
     }
 
 
@@ -227,7 +231,7 @@ def encoded_examples(entries: Sequence[Entry], spec: dataset.ClipSpec, codec: La
     text = text.reshape(len(pending), -1, text.shape[-1]).astype(np.float32)
     for clip, z, t in zip(pending, latents, text):
       counts["clips"] = counts.get("clips", 0) + 1
-      yield f"{clip['source']}:{clip['segments'][0]}", {**clip, "latents": z, "text": t}
+      yield clip.pop("key"), {**clip, "latents": z, "text": t}
     pending.clear()
 
   for entry in tqdm.tqdm(entries, desc=f"{spec.seconds} s clips", unit="video"):
