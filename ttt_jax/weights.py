@@ -6,7 +6,7 @@ tensor name (with `{i}` for per-layer tensors, stacked on a leading
 mapping is checked against the checkpoint's headers before any tensor is
 read, and tensors are read one at a time, so a multi-GB checkpoint never
 needs more memory than what the caller keeps. Used by `ttt_jax.convert`
-(CogVideoX) and `ttt_jax.models.t5` (T5).
+(CogVideoX), `ttt_jax.models.t5` (T5) and `ttt_jax.models.cogvideox_vae` (the VAE).
 """
 
 from __future__ import annotations
@@ -36,10 +36,6 @@ class Entry:
   @property
   def per_block(self) -> bool:
     return "{i}" in self.source
-
-
-def _transposed(w: np.ndarray) -> np.ndarray:  # torch Linear [out, in] -> kernel [in, out]
-  return w.T
 
 
 def transposed(w: np.ndarray) -> np.ndarray:  # torch Linear [out, in] -> kernel [in, out]
