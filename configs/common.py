@@ -76,6 +76,7 @@ def get_config(seconds: int, arg: str | None) -> ml_collections.ConfigDict:
       scan_layers=True,
       remat_policy="none" if tiny else "full",
       dtype="float32" if tiny else "bfloat16",
+      attention_impl="auto",  # splash on TPU, cudnn on GPU, else chunked (long) / xla (short)
       ttt=dict(
           inner="mlp",
           impl="xla",  # "pallas": the TPU/GPU fused kernels (pallas_kernels/), by backend

@@ -80,3 +80,22 @@ def test_vae_memory_benchmark_json():
   assert [r["latent_frames"] for r in runs] == [1, 5] and [r["frames"] for r in runs] == [1, 17]
   assert all(r["peak_rss_gb"] > 0 and r["chunks"] >= 1 for r in runs)
   assert "compiled" not in row
+
+
+def test_attention_benchmark_json():
+  """Small windows run for every CPU impl; the paper window is compiled only, dense vs chunked."""
+  proc = subprocess.run(
+      [sys.executable, "benchmarks/attention.py", "--seq_lens=100,256", "--H=2", "--d=16",
+       "--repeats=1"], cwd=REPO, capture_output=True, text=True, timeout=300, check=False)
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  rows = json.loads(proc.stdout)["results"]
+  key = lambda r: (r["impl"], r["seq_len"], r["executed"])
+  assert sorted(map(key, rows)) == [("chunked", 100, True), ("chunked", 256, True),
+                                    ("chunked", 17776, False), ("xla", 100, True),
+                                    ("xla", 256, True), ("xla", 17776, False)]
+  for r in rows:
+    assert all(r["memory_mib"][phase]["argument"] > 0 for phase in ("fwd", "fwd_bwd"))
+    if r["executed"]:
+      assert r["fwd"]["seconds"] > 0 and r["fwd_bwd"]["tokens_per_s"] > 0
+  paper = {r["impl"]: r["memory_mib"]["fwd_bwd"]["temp"] for r in rows if not r["executed"]}
+  assert paper["chunked"] < paper["xla"] / 50  # ~2 GiB vs ~170 GiB of scores

@@ -32,6 +32,10 @@ def test_tiny_config_passes_with_a_small_estimate():
     ("data.codec", "sd", "data.codec='sd' is unknown; known: cogvideox, toy"),
     ("data.text_encoder", "t5", "data.text_encoder='t5' needs data.text_encoder_path"),
     ("data.codec_path", "/nowhere", "data.codec_path=/nowhere: no such folder"),
+    ("model.attention_impl", "flash", "model.attention_impl='flash': attention impl 'flash' is "
+                                      "unknown"),
+    ("model.attention_impl", "splash", "model.attention_impl='splash': attention impl 'splash' "
+                                       "runs on tpu only"),
     ("data.height", 40, "data.height=40 is not a multiple of 16 (codec 8x times patch 2)"),
     ("data.width", 50, "data.width=50 is not a multiple of 16"),
     ("init_from", "/nowhere", "init_from=/nowhere: no checkpoint in /nowhere/checkpoints"),

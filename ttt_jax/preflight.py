@@ -13,8 +13,10 @@ magnitude to refuse the impossible, not a planner:
   optimizer    AdamW's two fp32 moments of every trainable parameter;
   activations  per example on the device: the residual stream kept at every
                block boundary (remat) or every block's working set (no remat),
-               plus one block's working set and its attention scores, which
-               the XLA attention path materialises per window.
+               plus one block's working set and its attention scores: fp32
+               [Lw, Lw] per window and head where the attention implementation
+               this host would run (`model.attention_impl`, "auto" resolved) is
+               the dense XLA path, one tile or a logsumexp for the blocked ones.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from flax import nnx
 
 from ttt_jax import convert, optim
 from ttt_jax.data import pipeline
+from ttt_jax.layers import attention
 from ttt_jax.layout import SECONDS_PER_SEGMENT
 from ttt_jax.data import dataset
 from ttt_jax.models import dit, text, vae
@@ -119,6 +122,12 @@ def _config_problems(config: ml_collections.ConfigDict, purpose: str, init_exist
         problems.append(f"data.{key}={config.data[key]} is not a multiple of {step} (codec "
                         f"{factor}x times patch {patch}); use e.g. "
                         f"{max(step, config.data[key] // step * step)}")
+  if config.model.variant in dit.VARIANTS:
+    variant, impl = dit.VARIANTS[config.model.variant], _attention_impl(config)
+    try:
+      attention.check_impl(impl, config.model.dtype, variant["width"] // variant["num_heads"])
+    except ValueError as e:
+      problems.append(f"model.attention_impl={impl!r}: {e}")
   if purpose == "train":
     if config.train.nonfinite not in ("stop", "skip"):
       problems.append(f"train.nonfinite={config.train.nonfinite!r}: choose 'stop' or 'skip'")
@@ -170,6 +179,10 @@ def _data_problems(config: ml_collections.ConfigDict, purpose: str) -> list[str]
   return problems
 
 
+def _attention_impl(config: ml_collections.ConfigDict) -> str:
+  return config.model.get("attention_impl", "auto")  # workdir configs from before the key
+
+
 def estimate_memory(config: ml_collections.ConfigDict, purpose: str, data: int, fsdp: int
                     ) -> MemoryEstimate:
   """Bytes per device of `purpose` under a (data, fsdp) mesh; nothing is allocated."""
@@ -191,7 +204,8 @@ def estimate_memory(config: ml_collections.ConfigDict, purpose: str, data: int, 
   L, D, depth = layout.seq_len, model.width, model.depth
   S, Lw = layout.attention_windows.index.shape
   heads = dit.VARIANTS[config.model.variant]["num_heads"]
-  block = BLOCK_WORKING_SET * L * D * act + S * heads * Lw * Lw * 4  # + fp32 attention scores
+  impl = attention.resolve_impl(_attention_impl(config), config.model.dtype, D // heads, Lw)
+  block = BLOCK_WORKING_SET * L * D * act + attention.score_bytes(impl, S, heads, Lw, Lw)
   if training:
     saved = depth * L * D * act if config.model.remat_policy != "none" else depth * block
     activations = per_device * (saved + block)

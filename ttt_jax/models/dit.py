@@ -90,11 +90,12 @@ class DiTBlock(nnx.Module):
 
   def __init__(self, width: int, num_heads: int, time_dim: int, *, mlp_ratio: int,
                use_ttt: bool, ttt: Mapping[str, Any], norm_eps: float,
-               rope_base_grid: tuple[int, int] | None, dtype: Any, param_dtype: Any,
-               rngs: nnx.Rngs):
+               rope_base_grid: tuple[int, int] | None, attention_impl: str, dtype: Any,
+               param_dtype: Any, rngs: nnx.Rngs):
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.norm1 = AdaLNZero(time_dim, width, eps=norm_eps, **kw)
-    self.attn = LocalSelfAttention(width, num_heads, rope_base_grid=rope_base_grid, **kw)
+    self.attn = LocalSelfAttention(width, num_heads, rope_base_grid=rope_base_grid,
+                                   impl=attention_impl, **kw)
     self.ttt = BidirectionalTTT(width, num_heads, **kw, **ttt) if use_ttt else None
     self.norm2 = AdaLNZero(time_dim, width, eps=norm_eps, **kw)
     self.ff_in = nnx.Linear(width, mlp_ratio * width, **kw)
@@ -118,11 +119,13 @@ class VideoDiT(nnx.Module):
                time_embed_dim: int = 512, latent_channels: int = 16, patch_size: int = 2,
                mlp_ratio: int = 4, use_ttt: bool = True, ttt: Mapping[str, Any] | None = None,
                scan_layers: bool = True, remat_policy: str = "none", norm_eps: float = 1e-5,
-               sample_size: tuple[int, int] | None = None, dtype: Any = jnp.float32,
-               param_dtype: Any = jnp.float32, rngs: nnx.Rngs):
+               sample_size: tuple[int, int] | None = None, attention_impl: str = "auto",
+               dtype: Any = jnp.float32, param_dtype: Any = jnp.float32, rngs: nnx.Rngs):
     """sample_size: the (h, w) latent size the weights were pre-trained at
     (CogVideoX's sample_height/width); it fixes the attention's RoPE grid at
-    every resolution. None: each input's own grid (integer positions)."""
+    every resolution. None: each input's own grid (integer positions).
+    attention_impl: how local attention is computed (`ttt_jax.layers.attention`);
+    no part of the architecture, the weights do not depend on it."""
     if remat_policy not in REMAT_POLICIES:
       raise ValueError(f"remat_policy must be one of {sorted(REMAT_POLICIES)}, got {remat_policy!r}")
     if sample_size is not None and any(n % patch_size for n in sample_size):
@@ -145,8 +148,8 @@ class VideoDiT(nnx.Module):
 
     rope_base_grid = None if sample_size is None else tuple(n // patch_size for n in sample_size)
     block_kw = dict(mlp_ratio=mlp_ratio, use_ttt=use_ttt, ttt=dict(ttt or {}),
-                    norm_eps=norm_eps, rope_base_grid=rope_base_grid, dtype=dtype,
-                    param_dtype=param_dtype)
+                    norm_eps=norm_eps, rope_base_grid=rope_base_grid,
+                    attention_impl=attention_impl, dtype=dtype, param_dtype=param_dtype)
 
     @nnx.split_rngs(splits=depth)
     @nnx.vmap(in_axes=(0,), out_axes=0)
@@ -238,4 +241,6 @@ def build(model_cfg: Mapping[str, Any], *, text_dim: int, rngs: nnx.Rngs) -> Vid
   return VideoDiT.from_config(
       model_cfg["variant"], text_dim=text_dim, use_ttt=model_cfg["use_ttt"],
       scan_layers=model_cfg["scan_layers"], remat_policy=model_cfg["remat_policy"],
+      # .get: workdir configs written before the key existed
+      attention_impl=model_cfg.get("attention_impl", "auto"),
       dtype=jnp.dtype(model_cfg["dtype"]), ttt=ttt, rngs=rngs)
