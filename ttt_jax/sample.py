@@ -92,7 +92,9 @@ def sample_video(workdir: str | pathlib.Path, captions: list[str], *, steps: int
   x_T = jax.random.normal(k_noise, shape)
 
   graph, params = nnx.split(model)
-  denoise = lambda p, x, t, c: nnx.merge(graph, p)(x, c, t, layout)  # params as an argument
+  # Params are an argument (no closure constants); the merge happens inside this jit's own
+  # trace, where nnx's transforms (the block scan) expect their Variables to be created.
+  denoise = jax.jit(lambda p, x, t, c: nnx.merge(graph, p)(x, c, t, layout))
   kw = dict(schedule=NoiseSchedule.create(num_steps=config.diffusion.num_steps),
             num_steps=steps, guidance_scale=guidance_scale, dynamic_cfg=s.dynamic_cfg,
             progress=progress)
