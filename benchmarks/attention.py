@@ -23,7 +23,6 @@ One JSON document goes to stdout (and to --out); progress goes to stderr.
 
 from __future__ import annotations
 
-import statistics
 import time
 from typing import Any, Callable, Sequence
 
@@ -31,7 +30,7 @@ from absl import app, flags, logging
 import jax
 import jax.numpy as jnp
 
-from bench_utils import MIB, emit  # this directory
+from bench_utils import MIB, emit, median_seconds  # this directory
 from ttt_jax.layers import attention
 
 Array = jax.Array
@@ -84,16 +83,6 @@ def compile_all(impl: str, structs: Sequence[jax.ShapeDtypeStruct], masked: bool
               for name in ("temp", "argument", "output")}
     out[phase] = (compiled, seconds, memory)
   return out
-
-
-def median_seconds(compiled: Any, args: Sequence[Array], repeats: int) -> float:
-  jax.block_until_ready(compiled(*args))  # warm-up
-  times = []
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    jax.block_until_ready(compiled(*args))
-    times.append(time.perf_counter() - t0)
-  return statistics.median(times)
 
 
 def bench(impl: str, seq_len: int, B: int, H: int, d: int, dtype: str, masked: bool,

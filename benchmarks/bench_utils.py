@@ -41,25 +41,31 @@ def make_inputs(op: str, B: int, H: int, NC: int, K: int, d: int) -> tuple[Array
   return (*tokens, *ln, *weights)
 
 
+def median_seconds(compiled: Any, args: Sequence[Array], repeats: int) -> float:
+  """Median wall time of a compiled function over `repeats` calls, after one warm-up."""
+  jax.block_until_ready(compiled(*args))
+  times = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    jax.block_until_ready(compiled(*args))
+    times.append(time.perf_counter() - t0)
+  return statistics.median(times)
+
+
 def measure(fn: Callable[..., Any], args: Sequence[Array], repeats: int
             ) -> tuple[float, float, dict[str, float | None]]:
   """(median seconds, compile seconds, memory in MiB) of jit(fn)(*args)."""
   t0 = time.perf_counter()
   compiled = jax.jit(fn).lower(*args).compile()
   compile_s = time.perf_counter() - t0
-  jax.block_until_ready(compiled(*args))  # warm-up
-  times = []
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    jax.block_until_ready(compiled(*args))
-    times.append(time.perf_counter() - t0)
+  seconds = median_seconds(compiled, args, repeats)
   analysis = compiled.memory_analysis()
   stats = jax.devices()[0].memory_stats()
   memory = {
       name: None if analysis is None else getattr(analysis, f"{name}_size_in_bytes") / MIB
       for name in ("temp", "argument", "output")}
   memory["peak_in_use"] = None if stats is None else stats["peak_bytes_in_use"] / MIB
-  return statistics.median(times), compile_s, memory
+  return seconds, compile_s, memory
 
 
 def fwd_and_bwd(fwd: Callable[..., Array], args: Sequence[Array], *, B: int, H: int,
