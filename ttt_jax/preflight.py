@@ -33,10 +33,9 @@ import numpy as np
 from flax import nnx
 
 from ttt_jax import convert, optim
-from ttt_jax.data import pipeline
+from ttt_jax.data import dataset, pipeline
 from ttt_jax.layers import attention
 from ttt_jax.layout import SECONDS_PER_SEGMENT
-from ttt_jax.data import dataset
 from ttt_jax.models import dit, text, vae
 
 GIB = 2.0**30
@@ -113,17 +112,18 @@ def _config_problems(config: ml_collections.ConfigDict, purpose: str, init_exist
   if config.model.variant not in dit.VARIANTS:
     problems.append(f"model.variant={config.model.variant!r} is unknown; known: "
                     f"{', '.join(dit.VARIANTS)}")
-  elif config.data.codec in vae.CODECS:
-    factor = vae.CODECS[config.data.codec].spatial_factor  # the class: no weights loaded
-    patch = dit.VARIANTS[config.model.variant].get("patch_size", 2)
-    step = factor * patch
-    for key in ("height", "width"):
-      if config.data[key] % step:
-        problems.append(f"data.{key}={config.data[key]} is not a multiple of {step} (codec "
-                        f"{factor}x times patch {patch}); use e.g. "
-                        f"{max(step, config.data[key] // step * step)}")
-  if config.model.variant in dit.VARIANTS:
-    variant, impl = dit.VARIANTS[config.model.variant], _attention_impl(config)
+  else:
+    variant = dit.VARIANTS[config.model.variant]
+    if config.data.codec in vae.CODECS:
+      factor = vae.CODECS[config.data.codec].spatial_factor  # the class: no weights loaded
+      patch = variant.get("patch_size", 2)
+      step = factor * patch
+      for key in ("height", "width"):
+        if config.data[key] % step:
+          problems.append(f"data.{key}={config.data[key]} is not a multiple of {step} (codec "
+                          f"{factor}x times patch {patch}); use e.g. "
+                          f"{max(step, config.data[key] // step * step)}")
+    impl = _attention_impl(config)
     try:
       attention.check_impl(impl, config.model.dtype, variant["width"] // variant["num_heads"])
     except ValueError as e:

@@ -6,7 +6,8 @@
 
 Reads top-down: config -> data -> model -> loss -> optimizer -> checkpoint.
 The workdir receives config.json, checkpoints/ (resumed automatically),
-metrics.jsonl, loss.png and, for the toy cartoons, data/ (encoded once). `python -m ttt_jax.curriculum` runs all stages.
+metrics.jsonl, loss.png and, for the toy cartoons, data/ (encoded once).
+`python -m ttt_jax.curriculum` runs all stages.
 """
 
 from __future__ import annotations
