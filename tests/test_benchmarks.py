@@ -99,3 +99,27 @@ def test_attention_benchmark_json():
       assert r["fwd"]["seconds"] > 0 and r["fwd_bwd"]["tokens_per_s"] > 0
   paper = {r["impl"]: r["memory_mib"]["fwd_bwd"]["temp"] for r in rows if not r["executed"]}
   assert paper["chunked"] < paper["xla"] / 50  # ~2 GiB vs ~170 GiB of scores
+
+
+def test_train_step_benchmark_json():
+  """One full training step (fwd, bwd, AdamW) of a minimal DiT: one JSON line, all positive."""
+  proc = subprocess.run(
+      [sys.executable, "benchmarks/train_step.py", "--width=32", "--depth=1", "--heads=2",
+       "--seconds=3", "--latent_h=4", "--latent_w=4", "--text_len=8", "--text_dim=16",
+       "--dtype=float32", "--remat=none", "--preset=tiny", "--repeats=1"],
+      cwd=REPO, capture_output=True, text=True, timeout=300, check=False)
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  lines = proc.stdout.strip().splitlines()
+  assert len(lines) == 1
+  row = json.loads(lines[0])
+  assert {"device", "platform", "device_kind", "jax_version"} <= row.keys()
+  assert row["config"]["width"] == 32 and row["config"]["depth"] == 1
+  positive = lambda x: isinstance(x, (int, float)) and math.isfinite(x) and x > 0
+  for key in ("param_count", "seq_len", "tokens_per_step", "compile_s", "step_s", "tokens_per_s"):
+    assert positive(row[key]), key
+  assert row["seq_len"] == 13 * 2 * 2 + 8  # 13 latent frames of a 2x2 grid + one caption
+  assert all(math.isfinite(loss) for loss in row["losses"]) and len(row["losses"]) == 2
+  mem = row["memory_mib"]
+  for key in ("temp", "argument", "output", "state"):
+    assert positive(mem[key]), key
+  assert mem["peak_in_use"] is None or positive(mem["peak_in_use"])  # None: the CPU reports none

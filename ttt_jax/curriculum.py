@@ -15,6 +15,7 @@ import importlib.util
 import json
 import pathlib
 
+import jax
 import ml_collections
 
 from absl import app, flags, logging
@@ -28,6 +29,8 @@ _STAGES = flags.DEFINE_list("stages", ["3", "9", "18", "30", "63"], "Stage lengt
 _CONFIG_DIR = flags.DEFINE_string("config_dir", "configs", "Where tom_jerry_<N>s.py live.")
 _STORYBOARD = flags.DEFINE_string("storyboard", None, "Captions to sample the final video from "
                                   "(default with toy data: a held-out toy storyboard).")
+_DISTRIBUTED = flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() "
+                                 "first (multi-host: every host runs the same command).")
 
 
 def load_stage_config(config_dir: str | pathlib.Path, seconds: int, preset: str
@@ -45,6 +48,7 @@ def load_stage_config(config_dir: str | pathlib.Path, seconds: int, preset: str
 def run(preset: str, workdir: str | pathlib.Path, stages: list[int],
         config_dir: str | pathlib.Path = "configs", storyboard: str | None = None) -> dict:
   workdir = pathlib.Path(workdir)
+  lead = jax.process_index() == 0  # one process writes the storyboard, plot, video, summary
   configs, previous = {}, ""
   for seconds in stages:  # every stage checked before the first one trains
     config = load_stage_config(config_dir, seconds, preset)
@@ -57,7 +61,8 @@ def run(preset: str, workdir: str | pathlib.Path, stages: list[int],
     stage_dir = workdir / f"{seconds}s"
     summary[f"{seconds}s"] = train.train(config, stage_dir)
     runs.append((f"{seconds}s", metrics.read_metrics(stage_dir / "metrics.jsonl")))
-  metrics.plot_loss(runs, workdir / "loss.png")
+  if lead:
+    metrics.plot_loss(runs, workdir / "loss.png")
 
   data = config.data
   if storyboard:
@@ -66,20 +71,27 @@ def run(preset: str, workdir: str | pathlib.Path, stages: list[int],
     held_out = toy_cartoons.generate_video(toy_cartoons.ToyCartoonConfig(
         seconds=stages[-1], height=data.height, width=data.width, seed=data.seed,
         num_videos=data.num_videos + 1), data.num_videos)
-    toy_cartoons.write_storyboard(held_out, workdir / "storyboard.jsonl")
+    if lead:
+      toy_cartoons.write_storyboard(held_out, workdir / "storyboard.jsonl")
     captions = list(held_out.captions)
   else:
     captions = None
     logging.warning("no --storyboard to sample from: trained %s, sampled nothing", stages)
   if captions:
-    frames = sample.sample_video(previous, captions)
-    summary["samples"] = [str(p) for p in sample.write_video(
-        frames, workdir / "samples" / "one_minute", config.sample.fps)]
-  (workdir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    # Every process samples (the restore and the program are the same on all of them);
+    # one writes the video.
+    frames = sample.sample_video(previous, captions, progress=lead)
+    if lead:
+      summary["samples"] = [str(p) for p in sample.write_video(
+          frames, workdir / "samples" / "one_minute", config.sample.fps)]
+  if lead:
+    (workdir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
   return summary
 
 
 def main(argv: list[str]) -> None:
+  if _DISTRIBUTED.value:  # first: process ids and the global device set exist from here on
+    jax.distributed.initialize()
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
   if not flags.FLAGS["verbosity"].present:
