@@ -32,6 +32,9 @@ setup(
         "tensorflow-datasets>=4.9.7",
         "array-record>=0.5",
         "etils[epath]",
+        # tfds imports importlib_resources (the backport) lazily; etils >= 1.15 no longer
+        # brings it, so a fresh install lacked it.
+        "importlib_resources",
     ],
     extras_require={
         # Parity references, built from tiny configs offline. torch is pinned: the CPU
