@@ -106,6 +106,9 @@ def get_config(seconds: int, arg: str | None) -> ml_collections.ConfigDict:
   c.train = ml_collections.ConfigDict(dict(
       steps=tiny_steps if tiny else paper_steps,
       batch_size=(4 if first_stage else 2) if tiny else 64,
+      # Gradient accumulation: the batch is processed in this many parts, one at a time
+      # (the same update; activations of batch / microbatches examples at once).
+      microbatches=1 if tiny else 4,
       log_every=10 if tiny else 10,
       ckpt_every=50 if tiny else 250,
       keep_checkpoints=2,
@@ -117,8 +120,17 @@ def get_config(seconds: int, arg: str | None) -> ml_collections.ConfigDict:
   c.sample = ml_collections.ConfigDict(dict(
       sampler="dpmpp_2m_sde", steps=25 if tiny else 50, guidance_scale=6.0,
       dynamic_cfg=True, fps=16, seed=0,
+      # Sampling is one video: every device in one context group (heads must divide).
+      mesh=dict(data=1, fsdp=1, context=-1, tensor=1),
   ))
 
-  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))  # -1: all remaining devices
+  # ('data', 'fsdp', 'context', 'tensor'); -1: all remaining devices. The batch splits over
+  # data x fsdp; parameters over fsdp x context (model width) and tensor (heads, MLP); the
+  # sequence over context (ttt_jax/parallel/). Paper: 256 chips = 1 x 16 x 16, a context
+  # group of 16 chips per video, 4 videos per group in 4 microbatches (train.microbatches):
+  # 21,948 tokens and 3 heads a chip at 63 s (benchmarks/paper_scale.py, RESULTS.md).
+  c.mesh = ml_collections.ConfigDict(
+      dict(data=-1, fsdp=1, context=1, tensor=1) if tiny else
+      dict(data=-1, fsdp=16, context=16, tensor=1))
   c.lock()
   return c

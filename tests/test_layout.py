@@ -56,3 +56,23 @@ def test_bad_layouts_name_the_problem():
     VideoLayout.from_seconds(10, text_len=4, height=1, width=1)
   with pytest.raises(ValueError, match="segment_frames >= 1"):
     VideoLayout(text_lens=(2, 2), segment_frames=(2, 0), height=1, width=1)
+
+
+def test_padded_layout_appends_padding_that_no_segment_owns():
+  layout = VideoLayout(text_lens=(2, 1), segment_frames=(2, 1), height=1, width=2)  # 9 tokens
+  padded = layout.padded(4)
+  assert (padded.pad, padded.seq_len, padded.num_real) == (3, 12, 9)
+  assert layout.padded(3) == layout  # already a multiple
+  np.testing.assert_array_equal(padded.is_pad, [False] * 9 + [True] * 3)
+  assert not padded.is_video[9:].any() and padded.is_video.sum() == layout.num_video
+  np.testing.assert_array_equal(padded.positions[9:], 0)
+  # Both TTT orders keep the real tokens' orders and put the padding last.
+  for reverse in (False, True):
+    np.testing.assert_array_equal(padded.ttt_order(reverse)[:9], layout.ttt_order(reverse))
+    np.testing.assert_array_equal(padded.ttt_order(reverse)[9:], [9, 10, 11])
+  # No attention window holds a padding token.
+  win, padded_win = layout.attention_windows, padded.attention_windows
+  np.testing.assert_array_equal(padded_win.index, win.index)
+  np.testing.assert_array_equal(padded_win.weight, win.weight)
+  with pytest.raises(ValueError, match="pad must be >= 0"):
+    VideoLayout(text_lens=(1,), segment_frames=(1,), height=1, width=1, pad=-1)

@@ -1,162 +1,139 @@
-"""The ('data', 'fsdp') mesh: sizes, errors, parameter specs, and a sharded train step."""
+"""The ('data', 'fsdp', 'context', 'tensor') mesh, the logical-axis rules and data shards.
 
-import json
-import os
-import pathlib
-import subprocess
-import sys
-import textwrap
+Multi-device behaviour (sharded steps equal one device, HLO collectives) is
+tests/test_context_parallel.py, on 8 fake CPU devices in a subprocess.
+"""
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 import pytest
+from flax import nnx
 from jax.sharding import PartitionSpec as P
 
+from tests.conftest import build_model, small_config
 from ttt_jax.parallel import mesh as mesh_lib
-
-REPO = pathlib.Path(__file__).resolve().parents[1]
-
-
-class FakeDevice:
-  def __init__(self, i):
-    self.id = i
-
-  def __repr__(self):
-    return f"FakeDevice({self.id})"
-
-
-def _fake(n):
-  return [FakeDevice(i) for i in range(n)]
+from ttt_jax.parallel import sharding
 
 
 @pytest.mark.parametrize("cfg, n, shape", [
-    ({"data": -1, "fsdp": 1}, 8, (8, 1)),
-    ({"data": -1, "fsdp": 2}, 8, (4, 2)),
-    ({"data": 2, "fsdp": -1}, 8, (2, 4)),
-    ({"data": 2, "fsdp": 3}, 6, (2, 3)),
-    ({"data": 1, "fsdp": -1}, 5, (1, 5)),
+    ({"data": -1, "fsdp": 1, "context": 1, "tensor": 1}, 8, (8, 1, 1, 1)),
+    ({"data": -1, "fsdp": 2, "context": 2, "tensor": 1}, 8, (2, 2, 2, 1)),
+    ({"data": 1, "fsdp": 1, "context": -1, "tensor": 2}, 8, (1, 1, 4, 2)),
+    ({"data": 2, "fsdp": 3, "context": 1, "tensor": 1}, 6, (2, 3, 1, 1)),
+    ({"data": 4, "fsdp": 16, "context": 4, "tensor": 1}, 256, (4, 16, 4, 1)),  # the paper preset
+    ({"data": -1, "fsdp": 1}, 4, (4, 1, 1, 1)),  # configs from before context / tensor existed
 ])
-def test_make_mesh_sizes(cfg, n, shape):
-  devices = _fake(n)
-  mesh = mesh_lib.make_mesh(cfg, devices=devices)
-  assert mesh.axis_names == ("data", "fsdp")
-  assert tuple(mesh.shape.values()) == shape
-  assert [d.id for d in mesh.devices.reshape(-1)] == list(range(n))  # row-major, none lost
-
-
-def test_make_mesh_defaults_to_jax_devices():
-  mesh = mesh_lib.make_mesh({"data": -1, "fsdp": 1})
-  assert mesh.devices.size == jax.device_count()
-  assert mesh.shape["data"] == jax.device_count()
+def test_mesh_shape(cfg, n, shape):
+  assert tuple(mesh_lib.mesh_shape(cfg, n).values()) == shape
 
 
 @pytest.mark.parametrize("cfg, n, match", [
     ({"data": -1, "fsdp": -1}, 4, "at most one axis may be -1"),
-    ({"data": -1, "fsdp": 2}, 3, "does not divide 3 devices"),
-    ({"data": 2, "fsdp": 2}, 8, "needs 4 devices, have 8"),
-    ({"data": 3, "fsdp": 1}, 2, "needs 3 devices, have 2"),
+    ({"data": -1, "fsdp": 2, "context": 2}, 6, "multiply to 4, which does not divide the 6"),
+    ({"data": 2, "fsdp": 2, "context": 1, "tensor": 1}, 8, "needs 4 devices, have 8"),
+    ({"data": 1, "fsdp": 1, "context": 0, "tensor": 1}, 1, "sizes must be positive"),
 ])
-def test_make_mesh_errors(cfg, n, match):
+def test_mesh_shape_errors(cfg, n, match):
   with pytest.raises(ValueError, match=match):
-    mesh_lib.make_mesh(cfg, devices=_fake(n))
+    mesh_lib.mesh_shape(cfg, n)
 
 
-@pytest.mark.parametrize("shape, fsdp, spec", [
-    ((64, 256), 1, P()),  # no fsdp: replicate
-    ((64, 256), 4, P(None, "fsdp")),  # largest axis
-    ((256, 64), 4, P("fsdp", None)),
-    ((8, 8), 4, P("fsdp", None)),  # tie: the first
-    ((12, 8), 8, P(None, "fsdp")),  # largest not divisible: next largest
-    ((2, 42, 3072), 16, P(None, None, "fsdp")),  # scanned block params: never the depth axis here
-    ((6, 3), 4, P()),  # nothing divisible: replicate
-    ((), 2, P()),  # scalars (optimizer step count)
+def test_make_mesh_on_this_host():
+  mesh = mesh_lib.make_mesh({"data": -1, "fsdp": 1, "context": 1, "tensor": 1})
+  assert mesh.axis_names == mesh_lib.AXES
+  assert mesh.devices.size == jax.device_count() and mesh.shape["data"] == jax.device_count()
+  assert all(t == jax.sharding.AxisType.Auto for t in mesh.axis_types)
+
+
+class FakeDevice:
+  def __init__(self, process_index):
+    self.process_index = process_index
+
+
+def _grid(shape, devices_per_process):
+  n = int(np.prod(shape))
+  grid = np.empty(n, object)
+  grid[:] = [FakeDevice(i // devices_per_process) for i in range(n)]
+  return grid.reshape(shape)
+
+
+@pytest.mark.parametrize("shape, per_process, want", [
+    ((1, 1, 1, 1), 1, [(0, 1)]),
+    ((4, 2, 1, 1), 4, [(0, 2), (1, 2)]),  # plain data parallel: one part per process
+    # data=2 x context=4 over 8 processes of 1 device: the 4 hosts of a context group
+    # hold one sequence between them and must read the same rows.
+    ((2, 1, 4, 1), 1, [(0, 2)] * 4 + [(1, 2)] * 4),
+    ((1, 2, 2, 2), 2, [(0, 2), (0, 2), (1, 2), (1, 2)]),
 ])
-def test_param_spec(shape, fsdp, spec):
-  assert mesh_lib.param_spec(shape, fsdp) == spec
+def test_process_batch_shard(shape, per_process, want):
+  grid = _grid(shape, per_process)
+  processes = sorted({d.process_index for d in grid.reshape(-1)})
+  assert [mesh_lib.process_batch_shard(grid, p) for p in processes] == want
 
 
-_SHARDED_SCRIPT = textwrap.dedent("""
-    import functools, json
-    import jax, jax.numpy as jnp, numpy as np
-    from flax import nnx
-    from tests.conftest import build_model, perturb, small_config
-    from ttt_jax import optim, train
-    from ttt_jax.data import pipeline
-    from ttt_jax.diffusion import NoiseSchedule
-    from ttt_jax.models.vae import make_codec
-    from ttt_jax.parallel import mesh as mesh_lib
-
-    assert jax.device_count() == 4, jax.devices()
-    cfg = small_config()
-    cfg.optim.lr.update(dict(other=1e-4, attn_qkvo=1e-4, ttt=1e-4))
-    layout = pipeline.video_layout(cfg.data, 3, make_codec("toy"), 2)
-    rng = np.random.default_rng(0)
-    batch = {"latents": rng.normal(size=(4, 13, 4, 6, 16)).astype(np.float32),
-             "text": rng.normal(size=(4, 4, cfg.data.text_dim)).astype(np.float32)}
-
-    def setup():  # random weights: every parameter, TTT included, gets a gradient at once
-      model = perturb(build_model(cfg), 0.05)
-      return model, nnx.Optimizer(model, optim.make_optimizer(cfg.optim), wrt=nnx.Param)
-
-    step = nnx.jit(functools.partial(train.train_step, optim_cfg=cfg.optim.to_dict(),
-                                     layout=layout, schedule=NoiseSchedule.create(num_steps=1000),
-                                     text_dropout=0.5))
-
-    def run(model, optimizer, batch):
-      null = np.zeros(batch["text"].shape[1:], np.float32)  # the toy encoder's ""
-      losses = [float(step(model, optimizer, batch, jax.random.key(i), null)["loss"])
-                for i in range(2)]
-      return losses, nnx.to_pure_dict(nnx.state(model, nnx.Param))
-
-    # Sharded: data=2 x fsdp=2, exactly as train.train places state and batches.
-    mesh = mesh_lib.make_mesh({"data": 2, "fsdp": 2})
-    model, optimizer = setup()
-    state = nnx.state((model, optimizer))
-    nnx.update((model, optimizer), jax.device_put(state, mesh_lib.param_shardings(mesh, state)))
-    specs = {jax.tree_util.keystr(p): str(x.sharding.spec)
-             for p, x in jax.tree_util.tree_leaves_with_path(nnx.state(model, nnx.Param))}
-    opt_specs = [str(x.sharding.spec) for x in jax.tree.leaves(nnx.state(optimizer))]
-    global_batch = mesh_lib.global_batch(batch, mesh)
-    batch_spec = str(global_batch["latents"].sharding.spec)
-    sharded_losses, sharded = run(model, optimizer, global_batch)
-    out_specs = [str(x.sharding.spec) for x in jax.tree.leaves(nnx.state(model, nnx.Param))]
-
-    # Single device: the same two steps, nothing sharded.
-    model, optimizer = setup()
-    single_losses, single = run(model, optimizer, jax.device_put(batch, jax.devices()[0]))
-    diffs = jax.tree.leaves(jax.tree.map(
-        lambda a, b: float(np.max(np.abs(np.asarray(a) - np.asarray(b)))), sharded, single))
-    moved = jax.tree.leaves(jax.tree.map(
-        lambda a, b: float(np.max(np.abs(np.asarray(a) - np.asarray(b)))), single,
-        nnx.to_pure_dict(nnx.state(setup()[0], nnx.Param))))
-    print("RESULT", json.dumps(dict(
-        specs=specs, opt_specs=opt_specs, out_specs=out_specs, batch_spec=batch_spec,
-        sharded_losses=sharded_losses, single_losses=single_losses,
-        max_param_diff=max(diffs), min_param_move=min(moved))))
-""")
+def test_process_batch_shard_refuses_uneven_processes():
+  grid = _grid((2, 1, 3, 1), 4)  # process 0 covers rows 0 and 1, process 1 only row 1
+  with pytest.raises(ValueError, match="unequal or overlapping batch rows"):
+    mesh_lib.process_batch_shard(grid, 0)
 
 
-@pytest.mark.slow  # ~55-70 s on 2 busy cores: two cold compiles of the train step
-def test_fsdp_data_parallel_train_step_matches_single_device():
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
-             JAX_PLATFORMS="cpu")
-  proc = subprocess.run([sys.executable, "-c", _SHARDED_SCRIPT], cwd=REPO, env=env,
-                        capture_output=True, text=True, timeout=540, check=False)
-  assert proc.returncode == 0, proc.stderr[-6000:]
-  line = next(l for l in proc.stdout.splitlines() if l.startswith("RESULT "))
-  res = json.loads(line[len("RESULT "):])
+class _Mesh:  # what `sharding.spec` reads of a mesh
+  def __init__(self, **shape):
+    self.shape = shape
 
-  # (i) FSDP really shards parameters and their AdamW moments; the batch is split over both axes.
-  fsdp_params = [p for p, s in res["specs"].items() if "fsdp" in s]
-  assert any("ttt" in p for p in fsdp_params) and any("attn" in p for p in fsdp_params)
-  assert len(fsdp_params) >= len(res["specs"]) // 2, res["specs"]
-  assert sum("fsdp" in s for s in res["opt_specs"]) >= 2 * len(fsdp_params)  # mu and nu
-  assert sum("fsdp" in s for s in res["out_specs"]) == len(fsdp_params)  # stays sharded
-  assert "data" in res["batch_spec"] and "fsdp" in res["batch_spec"]
 
-  # (ii) Same numbers as one device. Tolerance 1e-5: float32 sums are reduced in another
-  # order across shards (rounding ~1e-7 relative); lr 1e-4 bounds how far AdamW's
-  # g / (sqrt(v) + eps) can amplify such rounding on near-zero gradients.
-  assert res["min_param_move"] > 0  # every parameter took part in the two steps
-  for got, want in zip(res["sharded_losses"], res["single_losses"]):
-    assert got == pytest.approx(want, rel=1e-5, abs=1e-5)
-  assert res["max_param_diff"] < 1e-5, res["max_param_diff"]
+@pytest.mark.parametrize("shape, names, mesh, want", [
+    ((3072, 12288), ("embed", "mlp"), dict(data=4, fsdp=16, context=4, tensor=1),
+     P(("fsdp", "context"), None)),
+    ((42, 3072, 3072), ("layers", "embed", "heads"), dict(fsdp=2, context=2, tensor=4),
+     P(None, ("fsdp", "context"), "tensor")),
+    ((64, 64), ("embed", "heads"), dict(fsdp=8, context=16, tensor=1),
+     P("fsdp", None)),  # 8 x 16 does not divide 64: the leading run that does
+    ((4, 16), ("heads", "kv"), dict(tensor=8), P(None, None)),  # 4 heads over 8: replicated
+    ((2, 82, 64), ("act_batch", "act_length", "act_embed"), dict(data=1, fsdp=2, context=2),
+     P("fsdp", "context", None)),  # size-1 axes left out
+    ((8, 82, 64), ("act_batch", "act_length", "act_embed"), dict(data=2, fsdp=2, context=2),
+     P(("data", "fsdp"), "context", None)),
+    ((1, 84, 64), ("act_batch", "act_length", None), dict(data=2, fsdp=1, context=4),
+     P(None, "context", None)),  # batch 1 on data=2: replicated
+])
+def test_logical_spec(shape, names, mesh, want):
+  assert sharding.spec(shape, names, _Mesh(**mesh)) == want
+
+
+def test_logical_spec_errors():
+  with pytest.raises(KeyError, match="'embd' is not in ttt_jax.parallel.sharding.RULES"):
+    sharding.spec((4,), ("embd",), _Mesh(fsdp=2))
+  with pytest.raises(ValueError, match=r"logical names \('embed',\) do not match shape \(4, 4\)"):
+    sharding.spec((4, 4), ("embed",), _Mesh(fsdp=2))
+
+
+def test_no_spec_uses_a_mesh_axis_twice():
+  """Weight and activation names are apart, so every spec the model makes is valid on a mesh
+  with all four axes in use."""
+  mesh = _Mesh(data=2, fsdp=2, context=2, tensor=2)
+  specs = [sharding.spec(var.shape, var.get_metadata()["out_sharding"], mesh)
+           for _, var in nnx.to_flat_state(nnx.state(build_model(small_config()), nnx.Param))]
+  specs += [sharding.spec((4, 8, 4, 16), ("act_batch", "act_length", "act_heads", "act_kv"), mesh),
+            sharding.spec((4, 8, 64), ("act_batch", "act_length", "act_embed"), mesh)]
+  for spec in specs:
+    axes = [a for entry in spec if entry for a in ((entry,) if isinstance(entry, str) else entry)]
+    assert len(axes) == len(set(axes)), spec
+  assert any("tensor" in str(s) for s in specs) and any("context" in str(s) for s in specs)
+
+
+def test_every_parameter_has_logical_names():
+  """No parameter is left to a default rule: all carry names, the block stack 'layers' first."""
+  cfg = small_config()
+  model = build_model(cfg)
+  for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+    names = var.get_metadata().get("out_sharding")
+    assert names and len(names) == var.ndim, (path, names)
+    assert all(n is None or n in dict(sharding.RULES) for n in names), (path, names)
+    assert (names[0] == "layers") == (path[0] == "blocks"), (path, names)
+
+
+def test_constrain_is_identity_without_a_mesh():
+  x = jnp.ones((2, 8, 4))
+  assert sharding.constrain(x, "act_batch", "act_length", "act_embed") is x

@@ -171,19 +171,14 @@ def test_batches_resume_from_state():
   assert _take(resumed, 8) == want
 
 
-def test_batch_size_must_divide_over_processes(monkeypatch):
-  monkeypatch.setattr(pipeline.jax, "process_count", lambda: 2)
-  with pytest.raises(ValueError, match="not divisible by the 2 JAX processes"):
-    pipeline.batches(_examples(), 3, seed=0)
+def test_batch_size_must_divide_over_data_shards():
+  with pytest.raises(ValueError, match="not divisible by the 2 data shards"):
+    pipeline.batches(_examples(), 3, seed=0, shard=(0, 2))
 
 
-def test_each_process_reads_its_own_shard(monkeypatch):
-  monkeypatch.setattr(pipeline.jax, "process_count", lambda: 2)
-  seen = {}
-  for proc in (0, 1):
-    monkeypatch.setattr(pipeline.jax, "process_index", lambda proc=proc: proc)
-    seen[proc] = set(sum(_take(pipeline.batches(_examples(), 4, seed=0), 5), []))
+def test_each_data_shard_reads_its_own_examples():
+  seen = {i: set(sum(_take(pipeline.batches(_examples(), 4, seed=0, shard=(i, 2)), 5), []))
+          for i in (0, 1)}
   assert seen == {0: {0, 2, 4, 6, 8}, 1: {1, 3, 5, 7, 9}}  # disjoint, together everything
-  monkeypatch.setattr(pipeline.jax, "process_count", lambda: 16)
-  with pytest.raises(ValueError, match="the dataset has 10 clips, fewer than the 16 JAX"):
-    pipeline.batches(_examples(), 16, seed=0)
+  with pytest.raises(ValueError, match="the dataset has 10 clips, fewer than the 16 data"):
+    pipeline.batches(_examples(), 16, seed=0, shard=(0, 16))

@@ -41,7 +41,8 @@ def test_tiny_config_passes_with_a_small_estimate():
     ("init_from", "/nowhere", "init_from=/nowhere: no checkpoint in /nowhere/checkpoints"),
     ("model.pretrained", "/nowhere", "model.pretrained=/nowhere: pretrained weights /nowhere do "
                                      "not exist"),
-    ("mesh.data", 3, "mesh.data=3 x mesh.fsdp=1 does not divide the 1 device(s)"),
+    ("mesh.data", 3, "mesh.data=3, mesh.fsdp=1, mesh.context=1, mesh.tensor=1 needs 3 devices, "
+                     "have 1"),
 ])
 def test_each_problem_is_one_line_naming_the_key(key, value, expect):
   cfg = small_config()
@@ -84,44 +85,56 @@ def test_paper_preset_refused_on_this_host_with_numbers_and_the_way_out(tmp_path
   cfg.data.dir = str(tmp_path)
   (tmp_path / "storyboard" / "3s" / "1.0.0").mkdir(parents=True)
   (tmp_path / "storyboard" / "3s" / "1.0.0" / "dataset_info.json").write_text("{}")
-  lines = problems(cfg)  # only the memory is in the way now
-  assert lines[0].startswith("paper preset, 3 s, train: ~") and "GiB per device needed" in lines[0]
-  assert "params 26.9 GiB" in lines[0]  # 7.23e9 fp32 parameters
-  assert f"this host has {jax.device_count()} cpu device(s)" in lines[0]
-  assert "pass --force to run anyway" in lines[0]
+  lines = problems(cfg)  # only the pod-sized mesh and the memory are in the way now
+  assert lines[0].startswith("mesh.data=-1, mesh.fsdp=16, mesh.context=16, mesh.tensor=1: the "
+                             "fixed sizes multiply to 256, which does not divide the 1 devices")
+  # The memory of what this host could run (one device), with its numbers.
+  assert lines[1].startswith("paper preset, 3 s, train: ~") and "GiB per device needed" in lines[1]
+  assert "params 26.9 GiB" in lines[1]  # 7.23e9 fp32 parameters
+  assert f"this host has {jax.device_count()} cpu device(s)" in lines[1]
+  assert "pass --force to run anyway" in lines[1]
   assert lines[-1] == preflight.PAPER_HINT
+  cfg.mesh.update(dict(data=-1, fsdp=1, context=1, tensor=1))  # a mesh this host can make
   est = preflight.check(cfg, force=True)
   assert est.total > est.device_bytes
 
 
 def test_memory_estimate_scales_with_the_mesh():
-  """fsdp shards parameters, gradients and optimizer state; data parallelism splits the batch."""
+  """fsdp, context and tensor shard parameters, gradients and optimizer state; data and fsdp
+  split the batch, context the sequence."""
   cfg = small_config()
   cfg.train.batch_size = 4
-  one = preflight.estimate_memory(cfg, "train", data=1, fsdp=1)
-  fsdp = preflight.estimate_memory(cfg, "train", data=1, fsdp=2)
-  data = preflight.estimate_memory(cfg, "train", data=2, fsdp=1)
-  np.testing.assert_allclose([fsdp.params, fsdp.gradients, fsdp.optimizer],
-                             [one.params / 2, one.gradients / 2, one.optimizer / 2])
+  mesh = lambda **kw: {"data": 1, "fsdp": 1, "context": 1, "tensor": 1, **kw}
+  one = preflight.estimate_memory(cfg, "train", mesh())
+  for axis in ("fsdp", "context", "tensor"):
+    split = preflight.estimate_memory(cfg, "train", mesh(**{axis: 2}))
+    np.testing.assert_allclose([split.params, split.gradients, split.optimizer],
+                               [one.params / 2, one.gradients / 2, one.optimizer / 2])
+  data = preflight.estimate_memory(cfg, "train", mesh(data=2))
   assert data.params == one.params and data.activations == pytest.approx(one.activations / 2)
+  context = preflight.estimate_memory(cfg, "train", mesh(context=2))
+  assert context.activations < 0.6 * one.activations  # half the tokens (82 -> 41) per device
   # Frozen groups have no optimizer moments.
   cfg.optim.lr.other = 0.0
-  assert preflight.estimate_memory(cfg, "train", 1, 1).optimizer < one.optimizer
+  assert preflight.estimate_memory(cfg, "train", mesh()).optimizer < one.optimizer
 
 
-def test_mesh_sizes():
-  assert preflight.mesh_sizes({"data": -1, "fsdp": 2}, 8) == (4, 2)
-  assert "at most one may be -1" in preflight.mesh_sizes({"data": -1, "fsdp": -1}, 8)
-  assert "does not divide the 8 device(s)" in preflight.mesh_sizes({"data": 3, "fsdp": 1}, 8)
-  assert "set one of them to -1" in preflight.mesh_sizes({"data": 2, "fsdp": 2}, 8)
-
-
-def test_batch_must_divide_over_the_mesh(monkeypatch):
-  monkeypatch.setattr(preflight.jax, "device_count", lambda: 4)
-  cfg = small_config()  # batch 2 on mesh data=-1 -> 4 devices
+def test_batch_and_heads_must_divide_over_the_mesh(monkeypatch):
+  monkeypatch.setattr(preflight.jax, "device_count", lambda: 8)
+  cfg = small_config()  # batch 2 on mesh data=-1 -> 8 devices
   [line, *_] = problems(cfg)
-  assert line == ("train.batch_size=2 is not divisible by the 4 devices of mesh data=4 x "
-                  "fsdp=1; use a multiple of 4")
+  assert line == ("train.batch_size=2 is not divisible by the 8 batch shards of mesh data=8 x "
+                  "fsdp=1; use a multiple of 8")
+  cfg.mesh.update(dict(data=1, fsdp=1, context=8, tensor=1))  # 4 tiny heads over 8
+  [line, *_] = problems(cfg)
+  assert line.startswith("mesh.context=8 x mesh.tensor=1 = 8 does not divide the 4 heads of "
+                         "model.variant='tiny'")
+  cfg.mesh.update(dict(data=2, context=4))
+  assert preflight.check(cfg) is not None  # batch 2 over data=2, 4 heads over context=4
+  # The sampler's own mesh: by default every device in one context group.
+  with pytest.raises(preflight.PreflightError, match=r"sample.mesh.context=8 x sample.mesh"
+                                                     r".tensor=1 = 8 does not divide the 4 heads"):
+    preflight.check(cfg, "sample")
 
 
 def test_curriculum_checks_every_stage_before_training(tmp_path):

@@ -5,6 +5,7 @@ import json
 
 import imageio.v3 as iio
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
@@ -153,3 +154,29 @@ def test_the_train_state_is_donated(loss_setup):
   assert np.isfinite(float(out["loss"]))
   assert all(x.is_deleted() for x in old if isinstance(x, jax.Array) and x.size > 1)
   assert not any(x.is_deleted() for x in jax.tree.leaves(nnx.state((model, optimizer))))
+
+
+def test_microbatches_accumulate_the_mean_gradient(cfg):
+  """train.microbatches=2: the loss and gradient are the means over the two parts (every
+  second row, keys folded with the part's index), as two separate whole-part gradients give."""
+  model = perturb(build_model(cfg), 0.05)
+  layout = pipeline.video_layout(cfg.data, 3, make_codec("toy"), 2)
+  rng = np.random.default_rng(0)
+  batch = {"latents": jnp.asarray(rng.normal(size=(4, 13, 4, 6, 16)), jnp.float32),
+           "text": jnp.asarray(rng.normal(size=(4, 4, cfg.data.text_dim)), jnp.float32)}
+  null = jnp.zeros(batch["text"].shape[1:])
+  loss = functools.partial(train.loss_fn, layout=layout,
+                           schedule=NoiseSchedule.create(num_steps=1000), text_dropout=0.5)
+  key = jax.random.key(7)
+  got_loss, got = nnx.jit(train.accumulated_grads, static_argnums=(4, 5))(
+      model, batch, key, null, 2, loss)
+  part = nnx.jit(lambda model, b, k: nnx.value_and_grad(loss)(model, b, k, null))
+  parts = [part(model, jax.tree.map(lambda x: x[m::2], batch), jax.random.fold_in(key, m))
+           for m in range(2)]
+  np.testing.assert_allclose(got_loss, (parts[0][0] + parts[1][0]) / 2, rtol=1e-6)
+  want = jax.tree.map(lambda a, b: (a + b) / 2, parts[0][1], parts[1][1])
+  for (path, g), w in zip(jax.tree_util.tree_leaves_with_path(got), jax.tree.leaves(want)):
+    # fp32 sums in another order; relative to the leaf's scale.
+    np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6 * float(np.abs(w).max()), err_msg=str(path))
+  with pytest.raises(ValueError, match="train.microbatches=3 does not divide the batch of 4"):
+    train.accumulated_grads(model, batch, key, null, 3, loss)

@@ -18,6 +18,12 @@ text chunks, each caption still read just before its own (flipped) frames.
 Segment i owns `segment_frames[i]` latent frames; in the paper the first
 segment owns 13 (the VAE's lone first frame plus 12) and the others 12.
 
+A layout may end in `pad` padding tokens (`padded(multiple)`), which
+`VideoDiT` appends so that a context-parallel mesh splits the sequence
+evenly: they are no segment's, take part in no attention window, sit last in
+both TTT orders and get a zero inner learning rate, so real tokens never see
+them.
+
 Self-attention is local: segment i attends over its caption and its frames
 plus, for i > 0, the last frame of segment i-1 (so every paper window holds
 13 frames, the clip length CogVideoX was pre-trained on). That boundary frame
@@ -53,12 +59,14 @@ class VideoLayout:
     text_lens: text tokens of each segment's caption.
     segment_frames: latent frames owned by each segment (no overlap).
     height, width: token grid of one latent frame (after patchify).
+    pad: padding tokens after the video (canonical order).
   """
 
   text_lens: tuple[int, ...]
   segment_frames: tuple[int, ...]
   height: int
   width: int
+  pad: int = 0
 
   def __post_init__(self):
     object.__setattr__(self, "text_lens", tuple(int(n) for n in self.text_lens))
@@ -73,6 +81,8 @@ class VideoLayout:
           f"{self.text_lens} and {self.segment_frames}")
     if self.height < 1 or self.width < 1:
       raise ValueError(f"VideoLayout: token grid {self.height}x{self.width} is empty")
+    if self.pad < 0:
+      raise ValueError(f"VideoLayout: pad must be >= 0, got {self.pad}")
 
   @classmethod
   def from_seconds(cls, seconds: int, *, text_len: int | tuple[int, ...], height: int,
@@ -108,14 +118,28 @@ class VideoLayout:
     return self.num_frames * self.tokens_per_frame
 
   @property
-  def seq_len(self) -> int:
+  def num_real(self) -> int:
+    """Text and video tokens, padding left out."""
     return self.num_text + self.num_video
+
+  @property
+  def seq_len(self) -> int:
+    return self.num_real + self.pad
+
+  def padded(self, multiple: int) -> VideoLayout:
+    """This layout with padding tokens to a whole multiple of `multiple` tokens."""
+    return dataclasses.replace(self, pad=-self.num_real % multiple)
 
   # ---------------------------------------------------- canonical order ----
   @functools.cached_property
   def is_video(self) -> np.ndarray:
     """[L] bool: True for video tokens, in canonical order."""
-    return np.arange(self.seq_len) >= self.num_text
+    return (np.arange(self.seq_len) >= self.num_text) & ~self.is_pad
+
+  @functools.cached_property
+  def is_pad(self) -> np.ndarray:
+    """[L] bool: True for padding tokens (the last `pad`)."""
+    return np.arange(self.seq_len) >= self.num_real
 
   @functools.cached_property
   def positions(self) -> np.ndarray:
@@ -123,7 +147,8 @@ class VideoLayout:
     t, h, w = np.meshgrid(np.arange(self.num_frames), np.arange(self.height),
                           np.arange(self.width), indexing="ij")
     video = np.stack([t, h, w], axis=-1).reshape(-1, 3)
-    return np.concatenate([np.zeros((self.num_text, 3), np.int64), video]).astype(np.int32)
+    return np.concatenate([np.zeros((self.num_text, 3), np.int64), video,
+                           np.zeros((self.pad, 3), np.int64)]).astype(np.int32)
 
   def _segment_slices(self) -> list[tuple[np.ndarray, np.ndarray]]:
     """Canonical indices of (text_i, video_i) for every segment i."""
@@ -142,8 +167,9 @@ class VideoLayout:
   def _ttt_orders(self) -> tuple[np.ndarray, np.ndarray]:
     segments = self._segment_slices()
     reversed_segments = [(text, video[::-1]) for text, video in segments[::-1]]
+    pads = np.arange(self.num_real, self.seq_len)
     return tuple(
-        np.concatenate([np.concatenate(pair) for pair in segs]).astype(np.int32)
+        np.concatenate([np.concatenate(pair) for pair in segs] + [pads]).astype(np.int32)
         for segs in (segments, reversed_segments))
 
   def ttt_order(self, reverse: bool = False) -> np.ndarray:

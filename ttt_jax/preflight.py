@@ -37,8 +37,10 @@ from ttt_jax.data import dataset, pipeline
 from ttt_jax.layers import attention
 from ttt_jax.layout import SECONDS_PER_SEGMENT
 from ttt_jax.models import dit, text, vae
+from ttt_jax.parallel import mesh as mesh_lib
 
 GIB = 2.0**30
+SAMPLE_MESH = {"data": 1, "fsdp": 1, "context": -1, "tensor": 1}
 PURPOSES = ("train", "sample")
 # Live [L, D]-sized tensors of one block at once (q/k/v, attention and TTT in and out,
 # the 4x MLP hidden and its GELU, adaLN outputs), counted in units of [L, D].
@@ -85,21 +87,43 @@ def device_memory(device: jax.Device) -> float:
   return host / max(1, len([d for d in jax.local_devices() if d.platform == device.platform]))
 
 
-def mesh_sizes(mesh_cfg: Any, devices: int) -> tuple[int, int] | str:
-  """(data, fsdp) of the config on `devices`, or the one-line problem."""
-  data, fsdp = mesh_cfg["data"], mesh_cfg["fsdp"]
-  if [data, fsdp].count(-1) > 1:
-    return f"mesh.data={data}, mesh.fsdp={fsdp}: at most one may be -1 (the remaining devices)"
-  known = math.prod(s for s in (data, fsdp) if s != -1)
-  if known < 1 or devices % known:
-    return (f"mesh.data={data} x mesh.fsdp={fsdp} does not divide the {devices} device(s): "
-            f"choose sizes whose product divides {devices}")
-  data = devices // known if data == -1 else data
-  fsdp = devices // known if fsdp == -1 else fsdp
-  if data * fsdp != devices:
-    return (f"mesh.data={data} x mesh.fsdp={fsdp} = {data * fsdp} devices, this host has "
-            f"{devices}: set one of them to -1")
-  return data, fsdp
+def mesh_problems(config: ml_collections.ConfigDict, purpose: str, devices: int
+                  ) -> tuple[dict[str, int] | None, list[str]]:
+  """(mesh sizes or None, problems) of the mesh `purpose` runs on (train: config.mesh;
+  sample: config.sample.mesh) over `devices`: sizes, batch split, heads split."""
+  key, mesh_cfg = mesh_config(config, purpose)
+  try:
+    sizes = mesh_lib.mesh_shape(mesh_cfg, devices, key)
+  except ValueError as e:
+    return None, [str(e)]
+  problems = []
+  batch = sizes["data"] * sizes["fsdp"]
+  micro = config.train.get("microbatches", 1)
+  if purpose == "train" and config.train.batch_size % batch:
+    problems.append(f"train.batch_size={config.train.batch_size} is not divisible by the {batch} "
+                    f"batch shards of {key} data={sizes['data']} x fsdp={sizes['fsdp']}; use a "
+                    f"multiple of {batch}")
+  elif purpose == "train" and (micro < 1 or config.train.batch_size // batch % micro):
+    problems.append(f"train.microbatches={micro} does not divide the "
+                    f"{config.train.batch_size // batch} examples of each batch shard "
+                    f"(train.batch_size={config.train.batch_size} over {batch} shards); use a "
+                    f"divisor of {config.train.batch_size // batch}")
+  heads = dit.VARIANTS.get(config.model.variant, {}).get("num_heads")
+  split = sizes["context"] * sizes["tensor"]
+  if heads and heads % split:
+    problems.append(f"{key}.context={sizes['context']} x {key}.tensor={sizes['tensor']} = {split} "
+                    f"does not divide the {heads} heads of model.variant="
+                    f"{config.model.variant!r}: TTT and attention run head-sharded; choose a "
+                    f"product dividing {heads}")
+  return sizes, problems
+
+
+def mesh_config(config: ml_collections.ConfigDict, purpose: str) -> tuple[str, Any]:
+  """(config key, mesh config) of `purpose`; configs from before sample.mesh sample on one
+  context group of all devices."""
+  if purpose == "sample":
+    return "sample.mesh", config.sample.get("mesh", SAMPLE_MESH)
+  return "mesh", config.mesh
 
 
 def _config_problems(config: ml_collections.ConfigDict, purpose: str, init_exists: bool
@@ -183,29 +207,39 @@ def _attention_impl(config: ml_collections.ConfigDict) -> str:
   return config.model.get("attention_impl", "auto")  # workdir configs from before the key
 
 
-def estimate_memory(config: ml_collections.ConfigDict, purpose: str, data: int, fsdp: int
+def estimate_memory(config: ml_collections.ConfigDict, purpose: str, sizes: dict[str, int]
                     ) -> MemoryEstimate:
-  """Bytes per device of `purpose` under a (data, fsdp) mesh; nothing is allocated."""
+  """Bytes per device of `purpose` on a mesh of `sizes`; nothing is allocated.
+
+  Parameters and their gradients and moments are split over fsdp x context x
+  tensor (the rules shard the model width over fsdp and context, heads and
+  MLP units over tensor); each device holds batch / (data x fsdp x
+  train.microbatches) examples of L / context tokens at once.
+  """
   model = nnx.eval_shape(lambda: dit.build(config.model, text_dim=config.data.text_dim,
                                            rngs=nnx.Rngs(0)))
   leaves = jax.tree_util.tree_leaves_with_path(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
   groups = [optim.param_group(path) for path, _ in leaves]
-  sizes = [int(np.prod(x.shape)) for _, x in leaves]
-  params = sum(n * x.dtype.itemsize for n, (_, x) in zip(sizes, leaves)) / fsdp
+  counts = [int(np.prod(x.shape)) for _, x in leaves]
+  shards = sizes["fsdp"] * sizes["context"] * sizes["tensor"]
+  params = sum(n * x.dtype.itemsize for n, (_, x) in zip(counts, leaves)) / shards
   training = purpose == "train"
-  trainable = sum(n for n, g in zip(sizes, groups) if config.optim.lr[g] > 0) if training else 0
-  gradients = 4.0 * sum(sizes) / fsdp if training else 0.0
-  optimizer = 2 * 4.0 * trainable / fsdp
+  trainable = sum(n for n, g in zip(counts, groups) if config.optim.lr[g] > 0) if training else 0
+  gradients = 4.0 * sum(counts) / shards if training else 0.0
+  optimizer = 2 * 4.0 * trainable / shards
 
   codec = vae.CODECS[config.data.codec]  # the class: its factors, no weights loaded
   layout = pipeline.video_layout(config.data, config.seconds, codec, model.patch_size)
-  per_device = max(1, math.ceil(config.train.batch_size / (data * fsdp))) if training else 2
+  batch_shards = sizes["data"] * sizes["fsdp"]
+  micro = config.train.get("microbatches", 1)
+  per_device = max(1, math.ceil(config.train.batch_size / batch_shards / micro)) if training else 2
   act = np.dtype(config.model.dtype).itemsize
-  L, D, depth = layout.seq_len, model.width, model.depth
+  L, D, depth = -(-layout.seq_len // sizes["context"]), model.width, model.depth
   S, Lw = layout.attention_windows.index.shape
   heads = dit.VARIANTS[config.model.variant]["num_heads"]
+  local_heads = max(1, heads // (sizes["context"] * sizes["tensor"]))
   impl = attention.resolve_impl(_attention_impl(config), config.model.dtype, D // heads, Lw)
-  block = BLOCK_WORKING_SET * L * D * act + attention.score_bytes(impl, S, heads, Lw, Lw)
+  block = BLOCK_WORKING_SET * L * D * act + attention.score_bytes(impl, S, local_heads, Lw, Lw)
   if training:
     saved = depth * L * D * act if config.model.remat_policy != "none" else depth * block
     activations = per_device * (saved + block)
@@ -226,18 +260,14 @@ def check(config: ml_collections.ConfigDict, purpose: str = "train", *,
   if purpose not in PURPOSES:
     raise ValueError(f"preflight purpose must be one of {PURPOSES}, got {purpose!r}")
   problems = _config_problems(config, purpose, init_exists)
-  sizes = mesh_sizes(config.mesh, jax.device_count())
-  if isinstance(sizes, str):
-    problems.append(sizes)
-  elif purpose == "train" and config.train.batch_size % (sizes[0] * sizes[1]):
-    problems.append(f"train.batch_size={config.train.batch_size} is not divisible by the "
-                    f"{sizes[0] * sizes[1]} devices of mesh data={sizes[0]} x fsdp={sizes[1]}; "
-                    f"use a multiple of {sizes[0] * sizes[1]}")
+  sizes, mesh_lines = mesh_problems(config, purpose, jax.device_count())
+  problems += mesh_lines
   estimate = None
-  if (not isinstance(sizes, str) and config.model.variant in dit.VARIANTS
-      and config.data.codec in vae.CODECS):
+  if config.model.variant in dit.VARIANTS and config.data.codec in vae.CODECS:
+    if sizes is None:  # a mesh this host cannot make: what one device would need
+      sizes = {a: 1 for a in mesh_lib.AXES}
     try:
-      estimate = estimate_memory(config, purpose, *sizes)
+      estimate = estimate_memory(config, purpose, sizes)
     except ValueError:  # a shape problem, already named above
       estimate = None
   if estimate is not None:

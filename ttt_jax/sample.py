@@ -27,6 +27,8 @@ from ttt_jax.data import pipeline
 from ttt_jax.layout import SECONDS_PER_SEGMENT
 from ttt_jax.diffusion import NoiseSchedule, ddim_sample, dpmpp_2m_sample
 from ttt_jax.models import dit
+from ttt_jax.parallel import mesh as mesh_lib
+from ttt_jax.parallel import sharding
 
 SAMPLERS = ("ddim", "dpmpp_2m", "dpmpp_2m_sde")
 
@@ -78,7 +80,11 @@ def sample_video(workdir: str | pathlib.Path, captions: list[str], *, steps: int
     config.seconds = SECONDS_PER_SEGMENT * len(captions)  # the video asked for
   preflight.check(config, "sample")
   codec, text_encoder = pipeline.make_encoders(config.data)
-  model = dit.build(config.model, text_dim=config.data.text_dim, rngs=nnx.Rngs(0))
+  # One video on a mesh (default: every device in one context group): the weights are
+  # created sharded and restored into those shardings, the sequence is split over context.
+  mesh = mesh_lib.make_mesh(preflight.mesh_config(config, "sample")[1])
+  model = sharding.init_sharded(
+      lambda: dit.build(config.model, text_dim=config.data.text_dim, rngs=nnx.Rngs(0)), mesh)
   checkpoint.load_params(workdir, model)
   layout = pipeline.video_layout(config.data, SECONDS_PER_SEGMENT * len(captions), codec,
                                  model.patch_size)
@@ -98,11 +104,12 @@ def sample_video(workdir: str | pathlib.Path, captions: list[str], *, steps: int
   kw = dict(schedule=NoiseSchedule.create(num_steps=config.diffusion.num_steps),
             num_steps=steps, guidance_scale=guidance_scale, dynamic_cfg=s.dynamic_cfg,
             progress=progress)
-  if sampler == "ddim":
-    latents = ddim_sample(denoise, params, x_T, cond, uncond, **kw)
-  else:
-    latents = dpmpp_2m_sample(denoise, params, x_T, cond, uncond, rng=k_sde,
-                              sde=sampler == "dpmpp_2m_sde", **kw)
+  with jax.set_mesh(mesh):
+    if sampler == "ddim":
+      latents = ddim_sample(denoise, params, x_T, cond, uncond, **kw)
+    else:
+      latents = dpmpp_2m_sample(denoise, params, x_T, cond, uncond, rng=k_sde,
+                                sde=sampler == "dpmpp_2m_sde", **kw)
   # Chunk by chunk to uint8 on the host: the decoder's memory stays one chunk's.
   return np.concatenate([np.round((np.clip(chunk[0], -1.0, 1.0) + 1.0) * 127.5).astype(np.uint8)
                          for chunk in codec.decode_chunks(latents)])  # [T, H, W, 3]

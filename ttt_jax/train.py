@@ -27,6 +27,7 @@ import numpy as np
 import tqdm
 from absl import app, flags, logging
 from flax import nnx, traverse_util
+from jax.sharding import NamedSharding, PartitionSpec as P
 from ml_collections import config_flags
 
 from ttt_jax import checkpoint, convert, metrics, optim, preflight
@@ -35,6 +36,7 @@ from ttt_jax.layout import VideoLayout
 from ttt_jax.diffusion import NoiseSchedule, drop_text, sample_timesteps, v_prediction_loss
 from ttt_jax.models import dit
 from ttt_jax.parallel import mesh as mesh_lib
+from ttt_jax.parallel.sharding import constrain, init_sharded
 
 FLAGS = flags.FLAGS
 PREEMPTED_EXIT = 128 + signal.SIGTERM  # what a shell reports for a SIGTERM'd process
@@ -62,12 +64,19 @@ def loss_fn(model: dit.VideoDiT, batch: dict[str, jax.Array], rng: jax.Array,
 
 
 def train_step(model: dit.VideoDiT, optimizer: nnx.Optimizer, batch: dict[str, jax.Array],
-               rng: jax.Array, null_text: jax.Array, *, optim_cfg: Mapping[str, Any], skip_nonfinite: bool = False,
+               rng: jax.Array, null_text: jax.Array, *, optim_cfg: Mapping[str, Any],
+               skip_nonfinite: bool = False, microbatches: int = 1,
                **loss_kw: Any) -> dict[str, jax.Array]:
   """One update; with skip_nonfinite a step whose loss or grad norm is not finite changes
-  nothing (parameters and optimizer state keep their values)."""
-  loss, grads = nnx.value_and_grad(functools.partial(loss_fn, **loss_kw))(
-      model, batch, rng, null_text)
+  nothing (parameters and optimizer state keep their values).
+
+  microbatches: the batch's gradient is accumulated over this many equal parts, one
+  at a time (same update as the whole batch: the mean of equal-sized means), so
+  activations are held for batch / microbatches examples only. Each device keeps
+  its own rows: part m takes every microbatches-th row.
+  """
+  loss, grads = accumulated_grads(model, batch, rng, null_text, microbatches,
+                                  functools.partial(loss_fn, **loss_kw))
   # The norm the clip acts on: frozen groups' gradients are dropped before it.
   grad_norm = optim.trainable_grad_norm(optim_cfg, grads)
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
@@ -81,6 +90,36 @@ def train_step(model: dit.VideoDiT, optimizer: nnx.Optimizer, batch: dict[str, j
   return {"loss": loss, "grad_norm": grad_norm, "finite": finite}
 
 
+def accumulated_grads(model: dit.VideoDiT, batch: dict[str, jax.Array], rng: jax.Array,
+                      null_text: jax.Array, microbatches: int, loss: Any
+                      ) -> tuple[jax.Array, nnx.State]:
+  """(mean loss, mean gradient of the parameters) of `batch`, over `microbatches` parts."""
+  if microbatches == 1:
+    return nnx.value_and_grad(loss)(model, batch, rng, null_text)
+  rows = batch["latents"].shape[0]
+  if rows % microbatches:
+    raise ValueError(f"train.microbatches={microbatches} does not divide the batch of {rows}")
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  value_and_grad = jax.value_and_grad(
+      lambda p, mb, key: loss(nnx.merge(graphdef, p, rest), mb, key, null_text))
+  # [B, ...] -> [M, B / M, ...] taking every M-th row: each device's rows split evenly.
+  parts = jax.tree.map(lambda x: jnp.swapaxes(x.reshape(rows // microbatches, microbatches,
+                                                        *x.shape[1:]), 0, 1), batch)
+
+  def body(carry, xs):
+    total, grads = carry
+    mb, m = xs
+    mb = jax.tree.map(lambda x: constrain(x, "act_batch", *[None] * (x.ndim - 1)), mb)
+    value, g = value_and_grad(params, mb, jax.random.fold_in(rng, m))
+    return (total + value, jax.tree.map(jnp.add, grads, g)), None
+
+  zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+  (total, grads), _ = jax.lax.scan(body, (jnp.zeros((), jnp.float32), zeros),
+                                   (parts, jnp.arange(microbatches)))
+  return total / microbatches, jax.tree.map(
+      lambda g, p: (g / microbatches).astype(p.dtype), grads, params)
+
+
 def make_step_fn(config: ml_collections.ConfigDict, layout: VideoLayout, schedule: NoiseSchedule,
                  model: dit.VideoDiT, optimizer: nnx.Optimizer):
   """step(batch, rng, null_text) -> outputs: the jitted `train_step` bound to this state.
@@ -92,7 +131,8 @@ def make_step_fn(config: ml_collections.ConfigDict, layout: VideoLayout, schedul
   return nnx.cached_partial(  # cached graph traversal: less Python per step
       nnx.jit(functools.partial(train_step, optim_cfg=config.optim.to_dict(), layout=layout,
                                 schedule=schedule, text_dropout=config.diffusion.text_dropout,
-                                skip_nonfinite=config.train.nonfinite == "skip"),
+                                skip_nonfinite=config.train.nonfinite == "skip",
+                                microbatches=config.train.get("microbatches", 1)),
               donate_argnums=(0, 1)),
       model, optimizer)
 
@@ -165,30 +205,37 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
   if lead:
     record_config(workdir, config)
 
+  # ------------------------------------------------------------------ mesh
+  mesh = mesh_lib.make_mesh(config.mesh)
+
   # ------------------------------------------------------------------ data
   codec, text_encoder = pipeline.make_encoders(config.data)
   source = pipeline.open_dataset(config.data, config.seconds, codec, text_encoder, workdir)
   data_iter = pipeline.batches(source, config.train.batch_size, seed=config.seed,
-                               prefetch=config.data.prefetch)
+                               prefetch=config.data.prefetch,
+                               shard=mesh_lib.process_batch_shard(mesh.devices))
 
   # --------------------------------------------------------- model & optimizer
-  model = dit.build(config.model, text_dim=config.data.text_dim, rngs=nnx.Rngs(config.seed))
+  # Created sharded (a jit with the rules' out_shardings): no parameter or moment is
+  # ever whole on one device. Weights are then restored into those shardings.
+  def create() -> tuple[dit.VideoDiT, nnx.Optimizer]:
+    model = dit.build(config.model, text_dim=config.data.text_dim, rngs=nnx.Rngs(config.seed))
+    return model, nnx.Optimizer(model, optim.make_optimizer(config.optim), wrt=nnx.Param)
+
+  model, optimizer = init_sharded(create, mesh)
   layout = pipeline.video_layout(config.data, config.seconds, codec, model.patch_size)
   null_text = jax.device_put(pipeline.null_caption(text_encoder, layout.num_segments,
-                                                   config.data.text_len))
+                                                   config.data.text_len),
+                             NamedSharding(mesh, P()))
   if config.model.pretrained:
     convert.load_pretrained(config.model.pretrained, model)
     logging.warning("initialised CogVideoX weights from %s", config.model.pretrained)
   if config.init_from:
     step = checkpoint.load_params(config.init_from, model)
     logging.warning("initialised from %s (step %d)", config.init_from, step)
-  optimizer = nnx.Optimizer(model, optim.make_optimizer(config.optim), wrt=nnx.Param)
   log_parameter_counts(model, config.optim)
 
-  # --------------------------------------------------------- shard & restore
-  mesh = mesh_lib.make_mesh(config.mesh)
-  state = nnx.state((model, optimizer))
-  nnx.update((model, optimizer), jax.device_put(state, mesh_lib.param_shardings(mesh, state)))
+  # --------------------------------------------------------------- restore
   ckpt = checkpoint.Checkpointer(workdir, keep=config.train.keep_checkpoints)
   rng, start = jax.random.key(config.seed), 0
   if (restored := ckpt.restore(model, optimizer)) is not None:
@@ -230,7 +277,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
 
   bar = tqdm.trange(start, config.train.steps, initial=start, total=config.train.steps,
                     desc=f"{config.seconds}s stage", disable=not lead)
-  with _SigtermFlag() as sigterm:
+  with _SigtermFlag() as sigterm, jax.set_mesh(mesh):
     for step in bar:
       batch = mesh_lib.global_batch(next(data_iter), mesh)
       t0 = time.perf_counter()

@@ -278,7 +278,7 @@ def test_preflight_counts_dense_scores_only_for_the_dense_path():
   est = {}
   for impl in ("xla", "chunked", "auto"):
     cfg.model.attention_impl = impl
-    est[impl] = preflight.estimate_memory(cfg, "train", data=1, fsdp=1)
+    est[impl] = preflight.estimate_memory(cfg, "train", dict(data=1, fsdp=1, context=1, tensor=1))
   assert est["auto"] == est["chunked"]  # this CPU host, a long window
   Lw, heads, per_device = 18008, 48, cfg.train.batch_size
   saved = per_device * heads * (Lw * Lw - attn.BLOCK_Q * attn.BLOCK_K) * 4

@@ -154,10 +154,15 @@ def test_reconstruction_target_is_the_releases():
   assert reconstruction_target(v.astype(jnp.bfloat16), k.astype(jnp.bfloat16), w, b).dtype == jnp.bfloat16
 
 
+def arranged(m, x, layout, reverse=False):
+  """The inner loop's q, k, v', eta of layer m on x (all heads)."""
+  return m.arrange(*m.project(x), m.ln_weight[...], m.ln_bias[...], layout, reverse)
+
+
 def test_eta_is_computed_per_token_after_interleave():
   m = make_layer("mlp", K=4)
   x = make_x(MULTI)
-  _, _, _, eta = m.inner_inputs(x, MULTI)
+  _, _, _, eta = arranged(m, x, MULTI)
   L = MULTI.seq_len
   eta = eta.reshape(*eta.shape[:2], -1)  # [B, H, NC*K]
   np.testing.assert_array_equal(eta[..., L:], 0.0)  # padding never updates weights
@@ -187,7 +192,7 @@ def test_eta_moves_with_its_token_when_segments_are_reordered(reverse):
   L = MULTI.seq_len
 
   def eta_by_token(x_, layout, ids):
-    eta = m.inner_inputs(x_, layout, reverse=reverse)[3]
+    eta = arranged(m, x_, layout, reverse)[3]
     eta = eta.reshape(*eta.shape[:2], -1)[..., :L]  # [B, H, L] in TTT order
     out = np.zeros(eta.shape)
     out[..., ids[layout.ttt_order(reverse)]] = eta  # indexed by original token
@@ -265,3 +270,18 @@ def test_bad_input_errors():
   m = make_layer()
   with pytest.raises(ValueError, match=r"TTT input has shape \(2, 20, 32\), expected \[B, 21, 32\]"):
     m(jnp.zeros((2, 20, WIDTH)), MULTI)
+
+
+@pytest.mark.parametrize("inner", ["linear", "mlp"])
+def test_padding_tokens_do_not_change_real_tokens(inner):
+  """A context-parallel mesh pads the sequence: padding gets eta = 0 and sits last in both
+  TTT orders, so every real token's output is the unpadded layer's."""
+  m = BidirectionalTTT(WIDTH, HEADS, inner=inner, mini_batch_size=4, base_lr=20.0,
+                       rngs=nnx.Rngs(0))
+  x = make_x(MULTI)
+  padded = MULTI.padded(8)  # 21 -> 24 tokens
+  junk = 5.0 * jax.random.normal(jax.random.key(3), (x.shape[0], padded.pad, WIDTH))
+  got = m(jnp.concatenate([x, junk], axis=1), padded)[:, :MULTI.seq_len]
+  np.testing.assert_allclose(got, m(x, MULTI), rtol=1e-5, atol=1e-5)
+  eta = arranged(m.ttt, jnp.concatenate([x, junk], axis=1), padded)[3]
+  np.testing.assert_array_equal(eta.reshape(*eta.shape[:2], -1)[..., MULTI.seq_len:], 0.0)

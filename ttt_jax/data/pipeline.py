@@ -140,23 +140,24 @@ def _training_arrays(example: Mapping[str, Any]) -> dict[str, np.ndarray]:
   return {"latents": example["latents"], "text": example["text"]}
 
 
-def batches(source: Any, global_batch: int, seed: int, prefetch: int = 2
-            ) -> grain.DatasetIterator:
+def batches(source: Any, global_batch: int, seed: int, prefetch: int = 2,
+            shard: tuple[int, int] = (0, 1)) -> grain.DatasetIterator:
   """Endless iterator of this process's rows of each global batch.
 
   `source`: random access (len, [i]) to examples with "latents" and "text".
-  Process p reads examples p, p + P, ...; at most `prefetch` batches are
-  read ahead. Returns a grain iterator: `get_state()` / `set_state()`
-  checkpoint it.
+  shard (index, count): this process's part of every batch
+  (`mesh.process_batch_shard`); part i reads examples i, i + count, ...
+  At most `prefetch` batches are read ahead. Returns a grain iterator:
+  `get_state()` / `set_state()` checkpoint it.
   """
-  n_proc, proc = jax.process_count(), jax.process_index()
-  if global_batch % n_proc:
+  index, count = shard
+  if global_batch % count:
     raise ValueError(f"train.batch_size {global_batch} is not divisible by the "
-                     f"{n_proc} JAX processes")
-  if len(source) < n_proc:
-    raise ValueError(f"the dataset has {len(source)} clips, fewer than the {n_proc} JAX "
-                     f"processes that share it")
-  ds = grain.MapDataset.source(source)[proc::n_proc].shuffle(seed=seed).repeat()
-  ds = ds.map(_training_arrays).batch(global_batch // n_proc, drop_remainder=True)
+                     f"{count} data shards of the mesh's processes")
+  if len(source) < count:
+    raise ValueError(f"the dataset has {len(source)} clips, fewer than the {count} data "
+                     f"shards that share it")
+  ds = grain.MapDataset.source(source)[index::count].shuffle(seed=seed).repeat()
+  ds = ds.map(_training_arrays).batch(global_batch // count, drop_remainder=True)
   return iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=max(1, prefetch),
                                                    prefetch_buffer_size=prefetch)))

@@ -44,6 +44,9 @@ from jax import lax
 from jax.experimental.pallas.ops.tpu import splash_attention as splash
 
 from ttt_jax.layout import VideoLayout
+from ttt_jax.parallel.context import heads_parallel
+from ttt_jax.parallel.sharding import constrain
+from ttt_jax.layers.linear import dense, layer_norm
 from ttt_jax.layers.rope import apply_rope, crop_region_grid, rope_angles
 
 Array = jax.Array
@@ -174,6 +177,10 @@ def _block_logits(qb: Array, kb: Array, valid_b: Array, fill_b: Array) -> Array:
   """Scaled, masked fp32 logits [B, H, bq, bk] of q [B, bq, H, d] and k [B, bk, H, d]."""
   s = jnp.einsum("bqhd,bkhd->bhqk", qb, kb, preferred_element_type=jnp.float32)
   s = s * (1.0 / math.sqrt(qb.shape[-1]))
+  # Tied to s: the mask's broadcast to [B, H, bq, bk] depends on nothing differentiated,
+  # so under remat JAX would compute it for every key block up front and keep it
+  # (a [n_k, B, H, bq, bk] residual, 12 GB a device at paper scale).
+  valid_b, fill_b, s = lax.optimization_barrier((valid_b, fill_b, s))
   return jnp.where(valid_b[:, None, None, :], s, fill_b[None, None, None, :])
 
 
@@ -263,7 +270,10 @@ def _flash_bwd(block_q: int, block_k: int, res: tuple[Array, ...], dout: Array
           _merge(dv, k.shape[1]).astype(v.dtype), None)
 
 
-_flash.defvjp(_flash_fwd, _flash_bwd)
+# optimize_remat: under jax.checkpoint (the block remat) JAX would otherwise linearize the
+# forward's key-block scan and stack its per-tile residuals, [n_k, B, H, bq, bk] per query
+# block (9.5 GB a device at paper scale), instead of using this rule's residuals.
+_flash.defvjp(_flash_fwd, _flash_bwd, optimize_remat=True)
 
 
 # ------------------------------------------------------- fused kernels ----
@@ -383,18 +393,21 @@ class LocalSelfAttention(nnx.Module):
     check_impl(impl, dtype, self.head_dim)
     self.impl = impl
     self.rope_base_grid = None if rope_base_grid is None else tuple(rope_base_grid)
-    linear = lambda: nnx.Linear(width, width, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-    self.to_q, self.to_k, self.to_v, self.to_out = linear(), linear(), linear(), linear()
-    norm = lambda: nnx.LayerNorm(self.head_dim, epsilon=qk_norm_eps, dtype=dtype,
-                                 param_dtype=param_dtype, rngs=rngs)
+    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.to_q, self.to_k, self.to_v = (dense(width, width, ("embed", "heads"), **kw)
+                                       for _ in range(3))
+    self.to_out = dense(width, width, ("heads", "embed"), **kw)
+    norm = lambda: layer_norm(self.head_dim, qk_norm_eps, "kv", **kw)
     self.norm_q, self.norm_k = norm(), norm()
 
   def __call__(self, x: Array, layout: VideoLayout) -> Array:
-    """x [B, L, D] canonical -> [B, L, D]."""
+    """x [B, L, D] canonical (sequence-sharded under context parallelism) -> [B, L, D]."""
     B, L, D = x.shape
-    heads = lambda proj: proj(x).reshape(B, L, self.num_heads, self.head_dim)
+    heads = lambda proj: constrain(proj(x).reshape(B, L, self.num_heads, self.head_dim),
+                                   "act_batch", "act_length", "act_heads", "act_kv")
     q = self.norm_q(heads(self.to_q))
     k = self.norm_k(heads(self.to_k))
-    out = local_attention(q, k, heads(self.to_v), layout, self.rope_theta, self.rope_base_grid,
-                          impl=self.impl)
+    attend = functools.partial(local_attention, layout=layout, rope_theta=self.rope_theta,
+                               rope_base_grid=self.rope_base_grid, impl=self.impl)
+    out = heads_parallel(attend, (q, k, heads(self.to_v)))  # whole windows on each device
     return self.to_out(out.reshape(B, L, D))

@@ -29,6 +29,7 @@ tokens and for each direction:
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -41,6 +42,9 @@ from ttt_jax.layout import VideoLayout
 from ttt_jax.layers.rope import apply_rope, rope_angles
 from ttt_jax.ops import inner_loop
 from ttt_jax.ops.dispatch import check_kind_impl
+from ttt_jax.parallel.context import heads_parallel
+from ttt_jax.layers.linear import dense, layer_norm
+from ttt_jax.parallel.sharding import constrain, gathered, named_param, param as sharded_param
 
 Array = jax.Array
 
@@ -118,58 +122,88 @@ class TTT(nnx.Module):
 
     init = nnx.initializers.normal(0.02)
     zeros, ones = nnx.initializers.zeros, nnx.initializers.ones
-    linear = lambda: nnx.Linear(width, width, kernel_init=init, dtype=dtype,
-                                param_dtype=param_dtype, rngs=rngs)
-    self.q_proj, self.k_proj, self.v_proj, self.o_proj = linear(), linear(), linear(), linear()
-    param = lambda fn, *shape: nnx.Param(fn(rngs.params(), shape, param_dtype))
+    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.q_proj, self.k_proj, self.v_proj = (dense(width, width, ("embed", "heads"), init=init,
+                                                   **kw) for _ in range(3))
+    self.o_proj = dense(width, width, ("heads", "embed"), init=init, **kw)
+    param = lambda fn, shape, *names: sharded_param(fn, rngs, shape, param_dtype, names)
     # Per-head inner learning-rate gate and inner LayerNorm.
-    self.lr_weight = param(init, num_heads, width)  # [H, D]
-    self.lr_bias = param(zeros, num_heads)  # [H]
-    self.ln_weight = param(ones, num_heads, d)  # [H, d]
-    self.ln_bias = param(zeros, num_heads, d)
+    self.lr_weight = param(init, (num_heads, width), "heads", "embed")  # [H, D]
+    self.lr_bias = param(zeros, (num_heads,), "heads")  # [H]
+    self.ln_weight = param(ones, (num_heads, d), "heads", "kv")  # [H, d]
+    self.ln_bias = param(zeros, (num_heads, d), "heads", "kv")
     # Initial fast weights, learned by the outer loop.
     if inner == "linear":
-      self.W = param(init, num_heads, d, d)
-      self.b = param(zeros, num_heads, 1, d)
+      self.W = param(init, (num_heads, d, d), "heads", "kv", "kv")
+      self.b = param(zeros, (num_heads, 1, d), "heads", None, "kv")
     else:
       f = mlp_ratio * d
-      self.W1 = param(init, num_heads, d, f)
-      self.b1 = param(zeros, num_heads, 1, f)
-      self.W2 = param(init, num_heads, f, d)
-      self.b2 = param(zeros, num_heads, 1, d)
-    self.post_norm = nnx.LayerNorm(width, epsilon=POST_NORM_EPS, dtype=dtype,
-                                   param_dtype=param_dtype, rngs=rngs)
+      self.W1 = param(init, (num_heads, d, f), "heads", "kv", "kv")
+      self.b1 = param(zeros, (num_heads, 1, f), "heads", None, "kv")
+      self.W2 = param(init, (num_heads, f, d), "heads", "kv", "kv")
+      self.b2 = param(zeros, (num_heads, 1, d), "heads", None, "kv")
+    self.post_norm = layer_norm(width, POST_NORM_EPS, **kw)
 
   def fast_weights(self) -> tuple[Array, ...]:
     names = ("W", "b") if self.inner == "linear" else ("W1", "b1", "W2", "b2")
     return tuple(getattr(self, n)[...] for n in names)
 
-  def inner_inputs(self, x: Array, layout: VideoLayout, *, reverse: bool = False
-                   ) -> tuple[Array, Array, Array, Array]:
-    """x [B, L, D] canonical -> q, k, v' [B, H, NC, K, d] and eta [B, H, NC, K] in TTT order.
+  def project(self, x: Array) -> tuple[Array, Array, Array, Array]:
+    """x [B, L, D] -> q, k, v [B, L, H, d] and the inner learning-rate logits [B, L, H].
 
-    v' is `reconstruction_target(v, k)`: the op's v' - k is the normalised target.
+    Per token, so in any order and on a sequence-sharded x.
     """
-    B, L, D = x.shape
-    H, d, K = self.num_heads, self.head_dim, self.mini_batch_size
-    order = layout.ttt_order(reverse)
-    x = x[:, order]  # [B, L, D] in TTT order
+    B, L, _ = x.shape
+    H, d = self.num_heads, self.head_dim
+    heads = lambda proj: constrain(proj(x).reshape(B, L, H, d),
+                                   "act_batch", "act_length", "act_heads", "act_kv")
+    lr_weight = gathered(self.lr_weight[...], "heads", "embed")
+    logits = jnp.einsum("bld,hd->blh", x, lr_weight.astype(x.dtype)) + self.lr_bias[...]
+    return heads(self.q_proj), heads(self.k_proj), heads(self.v_proj), logits
 
-    heads = lambda proj: proj(x).reshape(B, L, H, d)
+  def arrange(self, q: Array, k: Array, v: Array, logits: Array, ln_weight: Array,
+              ln_bias: Array, layout: VideoLayout, reverse: bool = False
+              ) -> tuple[Array, Array, Array, Array]:
+    """Canonical per-head inputs -> the inner loop's q, k, v' [B, h, NC, K, d], eta [B, h, NC, K].
+
+    Works on any subset of h heads (with their ln parameters [h, d]): tokens
+    go to TTT order, q and k are L2-normalised and rotated, v' is
+    `reconstruction_target(v, k)` (the op's v' - k is the normalised target),
+    eta is zero on padding (the layout's and the last mini-batch's).
+    """
+    B, L, h, d = q.shape
+    K = self.mini_batch_size
+    order = layout.ttt_order(reverse)
     angles = rope_angles(jnp.asarray(layout.positions[order]), d, self.rope_theta)  # [L, d/2]
-    q = apply_rope(l2_normalize(heads(self.q_proj)), angles)
-    k = apply_rope(l2_normalize(heads(self.k_proj)), angles)
-    v = reconstruction_target(heads(self.v_proj), k, self.ln_weight[...], self.ln_bias[...])
-    gate = jnp.einsum("bld,hd->bhl", x, self.lr_weight[...].astype(x.dtype)) \
-        + self.lr_bias[...][:, None]
-    eta = self.base_lr * jax.nn.sigmoid(gate.astype(jnp.float32)) / (d * K)  # [B, H, L]
+    q = apply_rope(l2_normalize(q[:, order]), angles)
+    k = apply_rope(l2_normalize(k[:, order]), angles)
+    v = reconstruction_target(v[:, order], k, ln_weight, ln_bias)
+    real = jnp.asarray(~layout.is_pad[order])[None, :, None]  # [1, L, 1]
+    eta = jnp.where(real, self.base_lr * jax.nn.sigmoid(logits[:, order].astype(jnp.float32))
+                    / (d * K), 0.0)  # [B, L, h]
 
     nc = -(-L // K)
     pad = nc * K - L
     to_chunks = lambda t: jnp.pad(t, ((0, 0), (0, pad), (0, 0), (0, 0))).reshape(
-        B, nc, K, H, d).transpose(0, 3, 1, 2, 4)  # [B, H, NC, K, d]
-    eta = jnp.pad(eta, ((0, 0), (0, 0), (0, pad))).reshape(B, H, nc, K)
+        B, nc, K, h, d).transpose(0, 3, 1, 2, 4)  # [B, h, NC, K, d]
+    eta = jnp.pad(eta, ((0, 0), (0, pad), (0, 0))).reshape(B, nc, K, h).transpose(0, 3, 1, 2)
     return to_chunks(q), to_chunks(k), to_chunks(v), eta
+
+  def solve(self, q: Array, k: Array, v: Array, logits: Array, ln_weight: Array,
+            ln_bias: Array, *weights: Array, layout: VideoLayout, reverse: bool = False
+            ) -> Array:
+    """The per-head part: canonical [B, L, h, d] inputs -> inner-loop read-outs [B, L, h, d].
+
+    Heads are independent, so under context parallelism this runs on a
+    device's own heads and whole sequence (`heads_parallel`).
+    """
+    B, L, h, d = q.shape
+    z = inner_loop(self.inner, self.impl,
+                   *self.arrange(q, k, v, logits, ln_weight, ln_bias, layout, reverse),
+                   ln_weight, ln_bias, *weights, remat_group=self.remat_group,
+                   matmul_dtype=self.matmul_dtype, interpret=self.pallas_interpret)
+    z = z.transpose(0, 2, 3, 1, 4).reshape(B, -1, h, d)[:, :L]  # [B, L, h, d] TTT order
+    return z[:, layout.from_ttt_order(reverse)]
 
   def __call__(self, x: Array, layout: VideoLayout, *, reverse: bool = False) -> Array:
     """x [B, L, D] in canonical order -> [B, L, D] in canonical order."""
@@ -178,13 +212,10 @@ class TTT(nnx.Module):
     if (L, D) != (layout.seq_len, self.width):
       raise ValueError(f"TTT input has shape {x.shape}, expected [B, {layout.seq_len}, "
                        f"{self.width}] for {layout}")
-    q, k, v, eta = self.inner_inputs(x, layout, reverse=reverse)
-    z = inner_loop(self.inner, self.impl, q, k, v, eta, self.ln_weight[...],
-                   self.ln_bias[...], *self.fast_weights(), remat_group=self.remat_group,
-                   matmul_dtype=self.matmul_dtype, interpret=self.pallas_interpret)
-    z = z.transpose(0, 2, 3, 1, 4).reshape(B, -1, D)[:, :L]  # [B, L, D] TTT order
-    out = self.o_proj(self.post_norm(z))
-    return out[:, layout.from_ttt_order(reverse)]
+    z = heads_parallel(functools.partial(self.solve, layout=layout, reverse=reverse),
+                       self.project(x), (self.ln_weight[...], self.ln_bias[...],
+                                         *self.fast_weights()))
+    return self.o_proj(self.post_norm(z.reshape(B, L, D)))
 
 
 class BidirectionalTTT(nnx.Module):
@@ -192,13 +223,13 @@ class BidirectionalTTT(nnx.Module):
 
   def __init__(self, width: int, num_heads: int, *, rngs: nnx.Rngs, **ttt_kwargs):
     self.ttt = TTT(width, num_heads, rngs=rngs, **ttt_kwargs)
-    alpha = lambda: nnx.Param(jnp.full((width,), math.atanh(GATE_INIT), jnp.float32))
+    alpha = lambda: named_param(jnp.full((width,), math.atanh(GATE_INIT), jnp.float32), "norm")
     self.alpha_fwd_text, self.alpha_fwd_video = alpha(), alpha()
     self.alpha_bwd_text, self.alpha_bwd_video = alpha(), alpha()
 
   @staticmethod
   def _gate(layout: VideoLayout, alpha_text: nnx.Param, alpha_video: nnx.Param) -> Array:
-    is_video = jnp.asarray(layout.is_video)[:, None]  # [L, 1]
+    is_video = jnp.asarray(layout.is_video)[:, None]  # [L, 1] (padding: the text gate)
     return jnp.where(is_video, jnp.tanh(alpha_video[...]), jnp.tanh(alpha_text[...]))  # [L, D]
 
   def __call__(self, a: Array, layout: VideoLayout) -> Array:

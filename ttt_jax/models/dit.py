@@ -31,6 +31,9 @@ from flax import nnx
 from ttt_jax.layout import VideoLayout
 from ttt_jax.layers.attention import LocalSelfAttention
 from ttt_jax.layers.ttt import BidirectionalTTT
+from ttt_jax.parallel.context import context_size
+from ttt_jax.layers.linear import dense, layer_norm
+from ttt_jax.parallel.sharding import constrain
 
 Array = jax.Array
 
@@ -73,9 +76,9 @@ class AdaLNZero(nnx.Module):
 
   def __init__(self, time_dim: int, width: int, *, eps: float, dtype: Any,
                param_dtype: Any, rngs: nnx.Rngs):
-    self.linear = nnx.Linear(time_dim, 6 * width, kernel_init=nnx.initializers.zeros,
-                             dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-    self.norm = nnx.LayerNorm(width, epsilon=eps, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.linear = dense(time_dim, 6 * width, ("in_features", "embed"), zero=True, dtype=dtype,
+                        param_dtype=param_dtype, rngs=rngs)
+    self.norm = layer_norm(width, eps, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
   def __call__(self, x: Array, emb: Array, is_video: Array) -> tuple[Array, Array]:
     """x [B, L, D], emb [B, E], is_video [L] -> (modulated x, gate) each [B, L, D]."""
@@ -98,10 +101,11 @@ class DiTBlock(nnx.Module):
                                    impl=attention_impl, **kw)
     self.ttt = BidirectionalTTT(width, num_heads, **kw, **ttt) if use_ttt else None
     self.norm2 = AdaLNZero(time_dim, width, eps=norm_eps, **kw)
-    self.ff_in = nnx.Linear(width, mlp_ratio * width, **kw)
-    self.ff_out = nnx.Linear(mlp_ratio * width, width, **kw)
+    self.ff_in = dense(width, mlp_ratio * width, ("embed", "mlp"), **kw)
+    self.ff_out = dense(mlp_ratio * width, width, ("mlp", "embed"), **kw)
 
   def __call__(self, x: Array, emb: Array, layout: VideoLayout) -> Array:
+    x = constrain(x, "act_batch", "act_length", "act_embed")  # [B, L, D]
     is_video = jnp.asarray(layout.is_video)
     h, gate = self.norm1(x, emb, is_video)
     a = self.attn(h, layout)
@@ -141,10 +145,11 @@ class VideoDiT(nnx.Module):
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     patch_dim = patch_size * patch_size * latent_channels
 
-    self.patch_embed = nnx.Linear(patch_dim, width, **kw)  # = Conv2d(k=stride=patch), (C, p, p)
-    self.text_proj = nnx.Linear(text_dim, width, **kw)
-    self.time_in = nnx.Linear(width, time_embed_dim, **kw)
-    self.time_out = nnx.Linear(time_embed_dim, time_embed_dim, **kw)
+    # = Conv2d(k=stride=patch), (C, p, p) features
+    self.patch_embed = dense(patch_dim, width, ("in_features", "embed"), **kw)
+    self.text_proj = dense(text_dim, width, ("in_features", "embed"), **kw)
+    self.time_in = dense(width, time_embed_dim, ("in_features", "in_features"), **kw)
+    self.time_out = dense(time_embed_dim, time_embed_dim, ("in_features", "in_features"), **kw)
 
     rope_base_grid = None if sample_size is None else tuple(n // patch_size for n in sample_size)
     block_kw = dict(mlp_ratio=mlp_ratio, use_ttt=use_ttt, ttt=dict(ttt or {}),
@@ -152,16 +157,16 @@ class VideoDiT(nnx.Module):
                     attention_impl=attention_impl, dtype=dtype, param_dtype=param_dtype)
 
     @nnx.split_rngs(splits=depth)
-    @nnx.vmap(in_axes=(0,), out_axes=0)
+    @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
     def make_blocks(rngs: nnx.Rngs) -> DiTBlock:
       return DiTBlock(width, num_heads, time_embed_dim, rngs=rngs, **block_kw)
 
     self.blocks = make_blocks(rngs)  # parameters stacked on a leading [depth] axis
 
-    self.norm_final = nnx.LayerNorm(width, epsilon=norm_eps, **kw)
-    self.out_mod = nnx.Linear(time_embed_dim, 2 * width, kernel_init=nnx.initializers.zeros, **kw)
-    self.norm_out = nnx.LayerNorm(width, epsilon=norm_eps, **kw)
-    self.proj_out = nnx.Linear(width, patch_dim, kernel_init=nnx.initializers.zeros, **kw)
+    self.norm_final = layer_norm(width, norm_eps, **kw)
+    self.out_mod = dense(time_embed_dim, 2 * width, ("in_features", "embed"), zero=True, **kw)
+    self.norm_out = layer_norm(width, norm_eps, **kw)
+    self.proj_out = dense(width, patch_dim, ("embed", "in_features"), zero=True, **kw)
 
   @classmethod
   def from_config(cls, variant: str, *, rngs: nnx.Rngs, **overrides) -> VideoDiT:
@@ -224,14 +229,21 @@ class VideoDiT(nnx.Module):
     """latents [B, T, h, w, C], text [B, Lt, text_dim], t [B] -> v [B, T, h, w, C]."""
     self._check(latents, text, t, layout)
     B, T, h, w, _ = latents.shape
+    # Padding tokens make the sequence split evenly over a context-parallel mesh.
+    layout = layout.padded(context_size())
+    Lt, Lv = layout.num_text, layout.num_video
     emb = self.time_out(jax.nn.silu(self.time_in(timestep_sinusoid(t, self.width))))  # [B, E]
-    x = jnp.concatenate([self.text_proj(text), self.patch_embed(self.patchify(latents))], axis=1)
+    video = self.patch_embed(self.patchify(latents))  # [B, Lv, D]
+    x = jnp.concatenate([self.text_proj(text), video,
+                         jnp.zeros((B, layout.pad, self.width), video.dtype)], axis=1)
     x = self.run_blocks(x, emb, layout)  # [B, L, D]
 
-    x = self.norm_final(x)[:, layout.num_text:]
+    # The output head is per token: run on the whole (sequence-sharded) stream, then keep
+    # the video's patch features (64 wide), never gathering a [L, D] array.
     shift, scale = jnp.split(self.out_mod(jax.nn.silu(emb)), 2, axis=-1)
-    x = self.norm_out(x) * (1 + scale[:, None]) + shift[:, None]
-    return self.unpatchify(self.proj_out(x), T, h, w).astype(latents.dtype)
+    x = self.norm_out(self.norm_final(x)) * (1 + scale[:, None]) + shift[:, None]
+    x = self.proj_out(x)[:, Lt:Lt + Lv]  # [B, Lv, C p p]
+    return self.unpatchify(x, T, h, w).astype(latents.dtype)
 
 
 def build(model_cfg: Mapping[str, Any], *, text_dim: int, rngs: nnx.Rngs) -> VideoDiT:
