@@ -21,6 +21,8 @@ and prints one JSON line:
   flops_per_step                    matmul FLOPs the step executes, summed over devices,
                                     counted on its jaxpr (`bench_utils.jaxpr_matmul_flops`:
                                     scan bodies x trip count, recomputation included)
+  model_flops_per_step              the same without what remat recomputes (the step
+                                    traced with remat_policy none; the MFU numerator)
   xla_cost_analysis_flops           XLA's `cost_analysis()` of the same executable, which
                                     counts every while-loop body ONCE (so it misses the
                                     block scan and the TTT scans; reported for reference)
@@ -126,18 +128,6 @@ def main(argv):
   latent_shape = (layout.num_frames, config.data.height // codec.spatial_factor,
                   config.data.width // codec.spatial_factor, 16)
 
-  def create():
-    model = dit.build(model_cfg, text_dim=config.data.text_dim, rngs=nnx.Rngs(0))
-    if not training:
-      return model
-    return model, nnx.Optimizer(model, optim.make_optimizer(config.optim), wrt=nnx.Param)
-
-  graphdef, abstract = nnx.split(nnx.eval_shape(create))
-  state_shardings = sharding.shardings(abstract, mesh)
-  abstract = jax.tree.map(
-      lambda v, s: v.replace(jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s))
-      if hasattr(v, "shape") else v, abstract, state_shardings,
-      is_leaf=lambda x: isinstance(x, nnx.Variable))
   replicated = NamedSharding(mesh, P())
   batch = config.train.batch_size if training else 2
   rows = mesh_lib.batch_sharding(mesh) if training else replicated
@@ -148,7 +138,25 @@ def main(argv):
   key = jax.eval_shape(lambda: jax.random.key(0))
   key = jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=replicated)
 
-  if training:
+  def program(model_cfg):
+    """(jitted step, abstract arguments) of `model_cfg`: the train step or a sampler call."""
+    def create():
+      model = dit.build(model_cfg, text_dim=config.data.text_dim, rngs=nnx.Rngs(0))
+      if not training:
+        return model
+      return model, nnx.Optimizer(model, optim.make_optimizer(config.optim), wrt=nnx.Param)
+
+    graphdef, abstract = nnx.split(nnx.eval_shape(create))
+    state_shardings = sharding.shardings(abstract, mesh)
+    abstract = jax.tree.map(
+        lambda v, s: v.replace(jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s))
+        if hasattr(v, "shape") else v, abstract, state_shardings,
+        is_leaf=lambda x: isinstance(x, nnx.Variable))
+    if not training:
+      t = sds((batch,), jnp.int32, replicated)
+      denoise = lambda params, x, t, cond: nnx.merge(graphdef, params)(x, cond, t, layout)
+      return jax.jit(denoise), (abstract, latents, t, text)
+
     def step(state, batch, rng, null_text):
       model, optimizer = nnx.merge(graphdef, state)
       out = train.train_step(model, optimizer, batch, rng, null_text,
@@ -158,22 +166,21 @@ def main(argv):
                              microbatches=config.train.microbatches)
       return nnx.state((model, optimizer)), out
 
-    fn = jax.jit(step, donate_argnums=(0,), out_shardings=(state_shardings, None))
-    args = (abstract, {"latents": latents, "text": text}, key, null)
-  else:
-    t = sds((batch,), jnp.int32, replicated)
+    return (jax.jit(step, donate_argnums=(0,), out_shardings=(state_shardings, None)),
+            (abstract, {"latents": latents, "text": text}, key, null))
 
-    def step(params, x, t, cond):  # one call of the sampler's denoise (cond + uncond)
-      return nnx.merge(graphdef, params)(x, cond, t, layout)
-
-    fn = jax.jit(step)
-    args = (abstract, latents, t, text)
-
+  fn, args = program(model_cfg)
+  # Model FLOPs leave out what remat recomputes: the same step without it, traced only.
+  bare = model_cfg.copy_and_resolve_references()
+  with bare.unlocked():
+    bare.remat_policy, bare.ttt.remat_group = "none", None
+  bare_program = program(bare) if training else None  # outside set_mesh: see init_sharded
   with jax.set_mesh(mesh):
     start = time.perf_counter()
     compiled = fn.lower(*args).compile()
     compile_s = time.perf_counter() - start
     flops = jaxpr_matmul_flops(fn, *args)
+    model_flops = jaxpr_matmul_flops(bare_program[0], *bare_program[1]) if training else flops
   mem = compiled.memory_analysis()
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
@@ -188,7 +195,7 @@ def main(argv):
       "argument_bytes": mem.argument_size_in_bytes, "output_bytes": mem.output_size_in_bytes,
       "temp_bytes": mem.temp_size_in_bytes, "alias_bytes": mem.alias_size_in_bytes,
       "peak_bytes_per_device": peak, "peak_gib_per_device": round(peak / 2**30, 2),
-      "flops_per_step": flops,
+      "flops_per_step": flops, "model_flops_per_step": model_flops,
       "xla_cost_analysis_flops": float(cost.get("flops", float("nan"))) if cost else None,
       "compile_s": round(compile_s, 1),
       "remat_policy": model_cfg.remat_policy, "ttt_remat_group": model_cfg.ttt.remat_group,

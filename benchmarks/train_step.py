@@ -74,7 +74,7 @@ def build(config: dict[str, Any], rngs: nnx.Rngs) -> dit.VideoDiT:
   ttt["matmul_dtype"] = jnp.dtype(ttt["matmul_dtype"]) if ttt.get("matmul_dtype") else None
   return dit.VideoDiT.from_config(
       "cogvideox-5b", width=config["width"], depth=config["depth"],
-      num_heads=config["heads"], text_dim=config["text_dim"], use_ttt=True, ttt=ttt,
+      num_heads=config["heads"], text_dim=config["text_dim"], sequence_layer="ttt", ttt=ttt,
       scan_layers=True, remat_policy=config["remat"], attention_impl=config["attention_impl"],
       dtype=jnp.dtype(config["dtype"]), rngs=rngs)
 

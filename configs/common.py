@@ -62,6 +62,8 @@ def get_config(seconds: int, arg: str | None) -> ml_collections.ConfigDict:
       prefetch=2,  # batches read ahead (each a batch of clips in host memory)
   ))
 
+  # Tokens of one 3 s segment: its caption and 12 latent frames of (h/16) x (w/16) patches.
+  segment_tokens = c.data.text_len + 12 * (c.data.height // 16) * (c.data.width // 16)
   c.model = ml_collections.ConfigDict(dict(
       variant="tiny" if tiny else "cogvideox-5b",
       # CogVideoX weights the first stage starts from ('' = random init): a checkpoint
@@ -72,7 +74,9 @@ def get_config(seconds: int, arg: str | None) -> ml_collections.ConfigDict:
       # or pass --config.model.pretrained=PATH. TTT layers and gates start fresh (gates
       # tanh 0.1, fast weights N(0, 0.02^2)). Later stages load the previous stage.
       pretrained="weights/cogvideox-5b-jax" if first_stage and not tiny else "",
-      use_ttt=True,
+      # The global slot of every block (ttt_jax/layers/sequence.py): "ttt" (model.ttt), "local"
+      # (none), or a baseline of the paper's comparison with its options in model.baselines.
+      sequence_layer="ttt",
       scan_layers=True,
       remat_policy="none" if tiny else "full",
       dtype="float32" if tiny else "bfloat16",
@@ -84,6 +88,14 @@ def get_config(seconds: int, arg: str | None) -> ml_collections.ConfigDict:
           base_lr=0.1,
           remat_group=4 if tiny else 16,
           matmul_dtype="float32" if tiny else "bfloat16",
+      ),
+      baselines=dict(
+          # One 3 s segment of tokens: what local attention sees, here across boundaries.
+          sliding_window=dict(window=segment_tokens),
+          full_attention=dict(),
+          mamba2=dict(state_dim=64, chunk_size=64),
+          gated_deltanet=dict(chunk_size=64),
+          lact=dict(chunk_size=segment_tokens, muon_steps=5),
       ),
   ))
 

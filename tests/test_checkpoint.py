@@ -133,7 +133,7 @@ def test_load_params_does_not_create_directories(tmp_path):
 
 def test_load_params_into_a_different_model_names_the_checkpoint(saved):
   cfg = saved["cfg"].copy_and_resolve_references()
-  cfg.model.use_ttt = False
+  cfg.model.sequence_layer = "local"
   with pytest.raises(ValueError, match="does not fit this model"):
     checkpoint.load_params(saved["workdir"], build_model(cfg))
 

@@ -55,11 +55,11 @@ _LAYERS = """
     x = jax.random.normal(jax.random.key(0), (2, L, D))
     cot = jax.random.normal(jax.random.key(1), (2, L, D))
     layers = {
-        "ttt": BidirectionalTTT(D, H, inner="mlp", mini_batch_size=4, base_lr=5.0,
+        "ttt": BidirectionalTTT(D, H, inner="mlp", mini_batch_size=8, base_lr=5.0,
                                 rngs=nnx.Rngs(0)),
         # The fused TPU kernel (interpreted here), a custom call GSPMD cannot partition,
         # runs on each device's heads inside the shard_map.
-        "ttt_pallas": BidirectionalTTT(D, H, inner="mlp", mini_batch_size=4, base_lr=5.0,
+        "ttt_pallas": BidirectionalTTT(D, H, inner="mlp", mini_batch_size=8, base_lr=5.0,
                                        impl="pallas_tpu", pallas_interpret=True,
                                        rngs=nnx.Rngs(0)),
         "attention": LocalSelfAttention(D, H, impl="xla", rngs=nnx.Rngs(1)),

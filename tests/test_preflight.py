@@ -37,6 +37,8 @@ def test_tiny_config_passes_with_a_small_estimate():
     ("model.attention_impl", "splash", "model.attention_impl='splash': attention impl 'splash' "
                                        "runs on tpu only"),
     ("data.height", 40, "data.height=40 is not a multiple of 16 (codec 8x times patch 2)"),
+    ("model.sequence_layer", "rwkv", "model.sequence_layer='rwkv' is unknown; choose from ttt, "
+                                     "local, sliding_window"),
     ("data.width", 50, "data.width=50 is not a multiple of 16"),
     ("init_from", "/nowhere", "init_from=/nowhere: no checkpoint in /nowhere/checkpoints"),
     ("model.pretrained", "/nowhere", "model.pretrained=/nowhere: pretrained weights /nowhere do "

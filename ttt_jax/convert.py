@@ -287,13 +287,14 @@ def load_cogvideox(path: str | pathlib.Path, *, rngs: nnx.Rngs | None = None,
   """A `VideoDiT` with the CogVideoX weights of `path` (diffusers DIR or converted OUT).
 
   The architecture comes from the weights; `model_overrides` set the rest
-  (use_ttt=False unless given, ttt={...}, dtype, remat_policy, ...).
+  (sequence_layer="local" unless given, ttt={...}, dtype, remat_policy, ...).
   """
   arch = pretrained_architecture(path)
   clash = sorted(set(arch) & set(model_overrides))
   if clash:
     raise ValueError(f"load_cogvideox: {clash} come from the weights' config and cannot be overridden")
-  model = dit.VideoDiT(**arch, **{"use_ttt": False, **model_overrides}, rngs=rngs or nnx.Rngs(0))
+  model = dit.VideoDiT(**arch, **{"sequence_layer": "local", **model_overrides},
+                       rngs=rngs or nnx.Rngs(0))
   load_pretrained(path, model)
   return model
 

@@ -34,7 +34,7 @@ from flax import nnx
 
 from ttt_jax import convert, optim
 from ttt_jax.data import dataset, pipeline
-from ttt_jax.layers import attention
+from ttt_jax.layers import attention, sequence
 from ttt_jax.layout import SECONDS_PER_SEGMENT
 from ttt_jax.models import dit, text, vae
 from ttt_jax.parallel import mesh as mesh_lib
@@ -133,6 +133,10 @@ def _config_problems(config: ml_collections.ConfigDict, purpose: str, init_exist
     problems.append(f"seconds={config.seconds}: a video is whole {SECONDS_PER_SEGMENT}-second "
                     f"segments; use a multiple of {SECONDS_PER_SEGMENT} (3, 9, 18, 30, 63)")
   problems += _data_problems(config, purpose)
+  layer = config.model.get("sequence_layer", "ttt")
+  if layer not in sequence.SEQUENCE_LAYERS:
+    problems.append(f"model.sequence_layer={layer!r} is unknown; choose from "
+                    f"{', '.join(sequence.SEQUENCE_LAYERS)}")
   if config.model.variant not in dit.VARIANTS:
     problems.append(f"model.variant={config.model.variant!r} is unknown; known: "
                     f"{', '.join(dit.VARIANTS)}")

@@ -1,4 +1,4 @@
-"""VideoDiT (use_ttt=False) == diffusers' CogVideoXTransformer3DModel, through the converter.
+"""VideoDiT (sequence_layer="local") == diffusers' CogVideoXTransformer3DModel, through the converter.
 
 The references are diffusers itself, built from tiny random configs in the
 test (no network): its transformer, its attention block, and the RoPE tables

@@ -12,10 +12,15 @@ from ttt_jax.models.dit import VideoDiT
 # Three 1-frame segments on a 2x3 token grid (latents 4x6), 4-token captions.
 LAYOUT = VideoLayout(text_lens=(4, 4, 4), segment_frames=(2, 1, 1), height=2, width=3)
 TTT = dict(inner="mlp", mini_batch_size=8, remat_group=2)
+# Small settings of every baseline of the global slot (ttt_jax.layers.sequence).
+BASELINES = dict(sliding_window=dict(window=64), full_attention={},
+                 mamba2=dict(state_dim=8, chunk_size=8), gated_deltanet=dict(chunk_size=8),
+                 lact=dict(chunk_size=16, muon_steps=2))
 
 
 def make_model(seed=0, **kw):
-  model = VideoDiT.from_config("tiny", **{"ttt": TTT, **kw}, rngs=nnx.Rngs(seed))
+  model = VideoDiT.from_config("tiny", **{"ttt": TTT, "baselines": BASELINES, **kw},
+                               rngs=nnx.Rngs(seed))
   # adaLN-Zero makes a fresh model output zeros; give every weight some signal.
   params = nnx.state(model, nnx.Param)
   leaves, treedef = jax.tree.flatten(params)
@@ -80,7 +85,7 @@ def test_ttt_sits_in_every_block_as_a_gated_residual():
   latents, text, t = make_inputs()
   with_ttt = make_model()
   assert with_ttt.blocks.ttt.ttt.W1[...].shape[0] == 2  # one TTT layer per block
-  without = make_model(use_ttt=False)
+  without = make_model(sequence_layer="local")
   assert without.blocks.ttt is None
   # Share every non-TTT weight, then close the TTT gates: the models agree.
   nnx.update(with_ttt, nnx.state(without, nnx.Param))
@@ -91,16 +96,17 @@ def test_ttt_sits_in_every_block_as_a_gated_residual():
                              rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("use_ttt", [False, True])
-def test_attention_is_local_and_ttt_is_global(use_ttt):
-  """With one block, segment 2 sees segment 0's caption only through TTT."""
+@pytest.mark.parametrize("layer", ["local", "ttt", *BASELINES])
+def test_attention_is_local_and_the_sequence_layer_is_global(layer):
+  """With one block, segment 2 sees segment 0's caption only through the global slot: TTT or
+  any baseline in its place (the 36-token video fits one window / chunk of theirs)."""
   latents, text, t = make_inputs()
-  model = make_model(depth=1, use_ttt=use_ttt)
+  model = make_model(depth=1, sequence_layer=layer)
   out = apply(model, latents, text, t)
   out2 = apply(model, latents, text.at[:, :4].add(1.0), t)  # change caption 0 only
   seg2 = slice(3, 4)  # frame 3 belongs to segment 2 alone
   changed = float(jnp.abs(out[:, seg2] - out2[:, seg2]).max())
-  assert (changed > 1e-4) == use_ttt, changed
+  assert (changed > 1e-4) == (layer != "local"), changed
   assert float(jnp.abs(out[:, :2] - out2[:, :2]).max()) > 1e-4  # segment 0 sees its caption
 
 

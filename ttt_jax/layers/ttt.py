@@ -20,17 +20,12 @@ video into per-head TTT problems and solves them with the inner loop of
   6. post-norm over the model width, output projection, canonical order.
 
 `BidirectionalTTT` runs it forwards and on the reversed sequence with shared
-parameters and tanh-gated residuals, separate gates for text and video
-tokens and for each direction:
-
-  a1 = a  + tanh(alpha_fwd) * TTT(a)
-  a2 = a1 + tanh(alpha_bwd) * Reverse(TTT(Reverse(a1)))
+parameters and tanh-gated residuals (`ttt_jax.layers.bidirectional`).
 """
 
 from __future__ import annotations
 
 import functools
-import math
 from typing import Any
 
 import chex
@@ -43,13 +38,13 @@ from ttt_jax.layers.rope import apply_rope, rope_angles
 from ttt_jax.ops import inner_loop
 from ttt_jax.ops.dispatch import check_kind_impl
 from ttt_jax.parallel.context import heads_parallel
+from ttt_jax.layers.bidirectional import Bidirectional
 from ttt_jax.layers.linear import dense, layer_norm
-from ttt_jax.parallel.sharding import constrain, gathered, named_param, param as sharded_param
+from ttt_jax.parallel.sharding import constrain, gathered, param as sharded_param
 
 Array = jax.Array
 
 DEFAULT_BASE_LR = {"linear": 1.0, "mlp": 0.1}
-GATE_INIT = 0.1  # tanh(alpha) at initialisation
 POST_NORM_EPS = 1e-6
 TARGET_EPS = 1e-8  # added to the target's standard deviation, as in the release
 
@@ -218,23 +213,8 @@ class TTT(nnx.Module):
     return self.o_proj(self.post_norm(z.reshape(B, L, D)))
 
 
-class BidirectionalTTT(nnx.Module):
-  """TTT forwards and backwards over the video with gated residuals."""
+class BidirectionalTTT(Bidirectional):
+  """TTT forwards and backwards over the video with gated residuals (the paper's block)."""
 
   def __init__(self, width: int, num_heads: int, *, rngs: nnx.Rngs, **ttt_kwargs):
-    self.ttt = TTT(width, num_heads, rngs=rngs, **ttt_kwargs)
-    alpha = lambda: named_param(jnp.full((width,), math.atanh(GATE_INIT), jnp.float32), "norm")
-    self.alpha_fwd_text, self.alpha_fwd_video = alpha(), alpha()
-    self.alpha_bwd_text, self.alpha_bwd_video = alpha(), alpha()
-
-  @staticmethod
-  def _gate(layout: VideoLayout, alpha_text: nnx.Param, alpha_video: nnx.Param) -> Array:
-    is_video = jnp.asarray(layout.is_video)[:, None]  # [L, 1] (padding: the text gate)
-    return jnp.where(is_video, jnp.tanh(alpha_video[...]), jnp.tanh(alpha_text[...]))  # [L, D]
-
-  def __call__(self, a: Array, layout: VideoLayout) -> Array:
-    """a [B, L, D] (canonical order) -> a2 [B, L, D]."""
-    gate_fwd = self._gate(layout, self.alpha_fwd_text, self.alpha_fwd_video)
-    gate_bwd = self._gate(layout, self.alpha_bwd_text, self.alpha_bwd_video)
-    a1 = a + (gate_fwd * self.ttt(a, layout)).astype(a.dtype)
-    return a1 + (gate_bwd * self.ttt(a1, layout, reverse=True)).astype(a.dtype)
+    super().__init__(width, "ttt", TTT(width, num_heads, rngs=rngs, **ttt_kwargs))

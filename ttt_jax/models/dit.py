@@ -6,12 +6,13 @@
     for every block (stacked params, `nnx.scan` over depth, remat policy):
       h, g = adaLN(x, emb)           separate shift/scale/gate for text and video
       a    = local attention(h)      per segment, QK-LayerNorm, local 3D RoPE
-      a    = bidirectional TTT(a)    global over the whole video (gated residuals)
+      a    = bidirectional TTT(a)    global over the whole video (gated residuals; or a
+                                     baseline in its place, `ttt_jax.layers.sequence`)
       x    = x + g * a
       h, g = adaLN(x, emb);  x = x + g * MLP(h)     (GELU-tanh, 4x)
     final LayerNorm + adaLN + linear -> unpatchify -> v prediction [B, T, h, w, 16]
 
-With `use_ttt=False` and one segment this is diffusers'
+With `sequence_layer="local"` and one segment this is diffusers'
 `CogVideoXTransformer3DModel` (CogVideoX 1.0, RoPE) parameter for parameter
 and, to fp32 round-off, output for output; `ttt_jax.convert` loads its
 weights. Hyper-parameters come from `VARIANTS` (paper scale: CogVideoX-5B)
@@ -30,7 +31,7 @@ from flax import nnx
 
 from ttt_jax.layout import VideoLayout
 from ttt_jax.layers.attention import LocalSelfAttention
-from ttt_jax.layers.ttt import BidirectionalTTT
+from ttt_jax.layers.sequence import make_sequence_layer
 from ttt_jax.parallel.context import context_size
 from ttt_jax.layers.linear import dense, layer_norm
 from ttt_jax.parallel.sharding import constrain
@@ -89,17 +90,20 @@ class AdaLNZero(nnx.Module):
 
 
 class DiTBlock(nnx.Module):
-  """adaLN -> local attention -> bidirectional TTT -> gated residual -> adaLN -> MLP."""
+  """adaLN -> local attention -> bidirectional TTT -> gated residual -> adaLN -> MLP.
+
+  `ttt` is the global sequence slot: TTT, a baseline, or None ("local").
+  """
 
   def __init__(self, width: int, num_heads: int, time_dim: int, *, mlp_ratio: int,
-               use_ttt: bool, ttt: Mapping[str, Any], norm_eps: float,
+               sequence_layer: str, sequence_options: Mapping[str, Any], norm_eps: float,
                rope_base_grid: tuple[int, int] | None, attention_impl: str, dtype: Any,
                param_dtype: Any, rngs: nnx.Rngs):
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.norm1 = AdaLNZero(time_dim, width, eps=norm_eps, **kw)
     self.attn = LocalSelfAttention(width, num_heads, rope_base_grid=rope_base_grid,
                                    impl=attention_impl, **kw)
-    self.ttt = BidirectionalTTT(width, num_heads, **kw, **ttt) if use_ttt else None
+    self.ttt = make_sequence_layer(sequence_layer, width, num_heads, sequence_options, **kw)
     self.norm2 = AdaLNZero(time_dim, width, eps=norm_eps, **kw)
     self.ff_in = dense(width, mlp_ratio * width, ("embed", "mlp"), **kw)
     self.ff_out = dense(mlp_ratio * width, width, ("mlp", "embed"), **kw)
@@ -121,7 +125,9 @@ class VideoDiT(nnx.Module):
 
   def __init__(self, *, width: int, depth: int, num_heads: int, text_dim: int,
                time_embed_dim: int = 512, latent_channels: int = 16, patch_size: int = 2,
-               mlp_ratio: int = 4, use_ttt: bool = True, ttt: Mapping[str, Any] | None = None,
+               mlp_ratio: int = 4, sequence_layer: str = "ttt",
+               ttt: Mapping[str, Any] | None = None,
+               baselines: Mapping[str, Mapping[str, Any]] | None = None,
                scan_layers: bool = True, remat_policy: str = "none", norm_eps: float = 1e-5,
                sample_size: tuple[int, int] | None = None, attention_impl: str = "auto",
                dtype: Any = jnp.float32, param_dtype: Any = jnp.float32, rngs: nnx.Rngs):
@@ -129,7 +135,9 @@ class VideoDiT(nnx.Module):
     (CogVideoX's sample_height/width); it fixes the attention's RoPE grid at
     every resolution. None: each input's own grid (integer positions).
     attention_impl: how local attention is computed (`ttt_jax.layers.attention`);
-    no part of the architecture, the weights do not depend on it."""
+    no part of the architecture, the weights do not depend on it.
+    sequence_layer: what fills the global slot (`ttt_jax.layers.sequence`), built
+    from `ttt` (TTT's options) or `baselines[sequence_layer]`."""
     if remat_policy not in REMAT_POLICIES:
       raise ValueError(f"remat_policy must be one of {sorted(REMAT_POLICIES)}, got {remat_policy!r}")
     if sample_size is not None and any(n % patch_size for n in sample_size):
@@ -152,7 +160,9 @@ class VideoDiT(nnx.Module):
     self.time_out = dense(time_embed_dim, time_embed_dim, ("in_features", "in_features"), **kw)
 
     rope_base_grid = None if sample_size is None else tuple(n // patch_size for n in sample_size)
-    block_kw = dict(mlp_ratio=mlp_ratio, use_ttt=use_ttt, ttt=dict(ttt or {}),
+    options = ttt if sequence_layer == "ttt" else (baselines or {}).get(sequence_layer)
+    block_kw = dict(mlp_ratio=mlp_ratio, sequence_layer=sequence_layer,
+                    sequence_options=dict(options or {}),
                     norm_eps=norm_eps, rope_base_grid=rope_base_grid,
                     attention_impl=attention_impl, dtype=dtype, param_dtype=param_dtype)
 
@@ -250,8 +260,11 @@ def build(model_cfg: Mapping[str, Any], *, text_dim: int, rngs: nnx.Rngs) -> Vid
   """The model a config describes (`config.model`, dtypes given by name)."""
   ttt = dict(model_cfg["ttt"])
   ttt["matmul_dtype"] = jnp.dtype(ttt["matmul_dtype"]) if ttt.get("matmul_dtype") else None
+  # Workdir configs from before sequence_layer said use_ttt.
+  layer = model_cfg.get("sequence_layer") or ("ttt" if model_cfg.get("use_ttt", True) else "local")
+  baselines = {k: dict(v) for k, v in dict(model_cfg.get("baselines") or {}).items()}
   return VideoDiT.from_config(
-      model_cfg["variant"], text_dim=text_dim, use_ttt=model_cfg["use_ttt"],
+      model_cfg["variant"], text_dim=text_dim, sequence_layer=layer, baselines=baselines,
       scan_layers=model_cfg["scan_layers"], remat_policy=model_cfg["remat_policy"],
       # .get: workdir configs written before the key existed
       attention_impl=model_cfg.get("attention_impl", "auto"),

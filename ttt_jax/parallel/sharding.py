@@ -127,7 +127,8 @@ def init_sharded(create: Callable[[], Any], mesh: Mesh) -> Any:
 
   The shapes come from `nnx.eval_shape` (nothing allocated); one jit with
   those out_shardings then creates every array in place, so no device ever
-  holds a whole parameter or optimizer moment.
+  holds a whole parameter or optimizer moment. Call it outside `jax.set_mesh`:
+  under a mesh, nnx.eval_shape would read the logical names as mesh axes.
   """
   graphdef, abstract = nnx.split(nnx.eval_shape(create))
   with jax.set_mesh(mesh):
