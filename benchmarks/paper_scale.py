@@ -19,7 +19,7 @@ and prints one JSON line:
   temp_bytes, peak_bytes_per_device per device (peak = arguments + outputs + temporaries
                                     - donated aliases)
   flops_per_step                    matmul FLOPs the step executes, summed over devices,
-                                    counted on its jaxpr (`bench_utils.jaxpr_matmul_flops`:
+                                    counted on its jaxpr (`ttt_jax.flops.matmul_flops`:
                                     scan bodies x trip count, recomputation included)
   model_flops_per_step              the same without what remat recomputes (the step
                                     traced with remat_policy none; the MFU numerator)
@@ -84,7 +84,7 @@ def main(argv):
   from jax.sharding import NamedSharding, PartitionSpec as P
 
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-  from bench_utils import jaxpr_matmul_flops  # this directory
+  from ttt_jax.flops import matmul_flops as jaxpr_matmul_flops
   from configs import common
   from ttt_jax import optim, preflight, train
   from ttt_jax.data import pipeline
@@ -119,6 +119,9 @@ def main(argv):
     if _VARIANT.value:
       config.model.variant = _VARIANT.value
   training = _MODE.value == "train"
+  _, problems = preflight.mesh_problems(config, _MODE.value, len(devices))
+  if problems:  # the same checks the real run makes, before minutes of compiling
+    raise SystemExit("paper_scale: " + "; ".join(problems))
   mesh_key, mesh_cfg = preflight.mesh_config(config, _MODE.value)
   mesh = mesh_lib.make_mesh(mesh_cfg, devices)
   codec = vae.CODECS[config.data.codec]  # the class: its factors, no weights

@@ -280,7 +280,8 @@ def test_preflight_counts_dense_scores_only_for_the_dense_path():
     cfg.model.attention_impl = impl
     est[impl] = preflight.estimate_memory(cfg, "train", dict(data=1, fsdp=1, context=1, tensor=1))
   assert est["auto"] == est["chunked"]  # this CPU host, a long window
-  Lw, heads, per_device = 18008, 48, cfg.train.batch_size
+  Lw, heads = 18008, 48
+  per_device = cfg.train.batch_size // cfg.train.microbatches  # examples live at once
   saved = per_device * heads * (Lw * Lw - attn.BLOCK_Q * attn.BLOCK_K) * 4
   assert est["xla"].activations - est["chunked"].activations == pytest.approx(saved)
   assert est["xla"].params == est["chunked"].params
