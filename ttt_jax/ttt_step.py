@@ -164,7 +164,6 @@ def step(update, readout, state, inputs, *, ln_w, ln_b, eps, mm):
 
 
 linear_step = functools.partial(step, linear_update, linear_readout)
-mlp_step = functools.partial(step, mlp_update, mlp_readout)
 
 
 
@@ -209,3 +208,179 @@ def check_mlp_weights(H: int, d: int, W1: Array, b1: Array, W2: Array, b2: Array
   check_array("b2", b2, (H, 1, d), "[H, 1, d]")
   return F
 
+
+# ----------------------------------------------------------------------------
+# TTT-MLP step with a hand-written VJP, for the XLA scan (`ttt_jax.ops.ttt`).
+#
+# Autodiff of `step` over `mlp_update` / `mlp_readout` differentiates the hand-derived inner gradient again
+# (second order through LayerNorm and GELU) and leaves XLA a long chain of
+# small elementwise ops, with transposes inside some. The functions below do
+# the same math with the second-order terms derived by hand: the forward
+# returns what the backward needs and the backward reuses it. (The kernels in
+# pallas_kernels/ keep using `jax.vjp` of the functions above; nothing above
+# this section changed.)
+# ----------------------------------------------------------------------------
+
+
+def gelu_tanh_derivs(x: Array) -> tuple[Array, Array, Array]:
+  """`gelu_tanh`, its first and its second derivative, sharing one tanh."""
+  x_sq = x * x
+  t = jnp.tanh(_SQRT_2_OVER_PI * (x + _GELU_C * x * x_sq))
+  du = _SQRT_2_OVER_PI * (1.0 + 3.0 * _GELU_C * x_sq)
+  sech2 = 1.0 - t * t
+  half_x = 0.5 * x
+  gelu = half_x * (1.0 + t)
+  grad = 0.5 * (1.0 + t) + half_x * sech2 * du
+  # d/dx [0.5 (1 + t) + 0.5 x (1 - t^2) du] with dt/dx = (1 - t^2) du.
+  grad2 = sech2 * (du - x * t * du * du + (3.0 * _GELU_C * _SQRT_2_OVER_PI) * x_sq)
+  return gelu, grad, grad2
+
+
+def _sum_tokens(x: Array) -> Array:
+  return jnp.sum(x, axis=-2, keepdims=True)
+
+
+def _mean_features(x: Array) -> Array:
+  return jnp.mean(x, axis=-1, keepdims=True)
+
+
+def ln_fit_fwd(z, xk, xv, eta, ln_w, ln_b, *, eps):
+  """e = eta * d/dz 1/2 ||LN(z) - (xv - xk)||^2 per token, and its residuals.
+
+  The same quantity as `eta * layer_norm_vjp(LN(z) - (xv - xk), ...)` in the
+  update functions above: with g = ln_w r, r = LN(z) - (xv - xk),
+    h = (g - mean(g) - x_hat mean(g x_hat)) / std,   e = eta h.
+  """
+  y, x_hat, std = layer_norm_fwd(z, ln_w, ln_b, eps)
+  r = y - (xv - xk)
+  g = ln_w * r
+  mg, mgx = _row_means(g, g * x_hat)
+  h = (g - mg - x_hat * mgx) / std
+  return eta * h, (x_hat, std, r, h, mgx, eta)
+
+
+def ln_fit_e(res):
+  """e of `ln_fit_fwd` from its residuals."""
+  h, eta = res[3], res[5]
+  return eta * h
+
+
+def _row_means(*xs: Array) -> tuple[Array, ...]:
+  """Means over the last axis of same-shaped arrays, as one stacked reduction."""
+  return tuple(jnp.mean(jnp.stack(xs), axis=-1, keepdims=True))
+
+
+def ln_fit_bwd(res, de, ln_w):
+  """VJP of `ln_fit_fwd` for the cotangent de of e.
+
+  Returns (dz, dr, deta, dln_w, dln_b); dr is the cotangent of r = LN(z) -
+  (xv - xk) (so dxk += dr, dxv = -dr); dln_w and dln_b are per token (the
+  caller sums them over tokens and batch axes).
+  """
+  x_hat, std, r, h, mgx, eta = res
+  n = x_hat.shape[-1]
+  inv = 1.0 / std
+  m_deh, m_dex, m_de = _row_means(de * h, de * x_hat, de)
+  deta = n * m_deh
+  dh = eta * de
+  a = eta * m_dex  # mean(dh x_hat)
+  # h = P(g) / std with the projection P(u) = u - mean(u) - x_hat mean(u x_hat)
+  # (self-adjoint): through g, through P's x_hat, and through 1 / std.
+  dg = (dh - eta * m_de - x_hat * a) * inv
+  dstd = -eta * deta * inv  # -sum(dh h) / std
+  dr = ln_w * dg
+  dx_hat = ln_w * dr - (dh * mgx + ln_w * r * a) * inv
+  # x_hat = (z - mu) / std and std = sqrt(var + eps) as functions of z.
+  m_dx, m_dxx = _row_means(dx_hat, dx_hat * x_hat)
+  dz = (dx_hat - m_dx - x_hat * m_dxx) * inv + dstd * x_hat / n
+  return dz, dr, deta, dg * r + dr * x_hat, dr
+
+
+def _cat_tokens(*xs: Array) -> Array:
+  return jnp.concatenate(xs, axis=-2)
+
+
+def _tokens_last(x: Array) -> Array:
+  """x [..., K, c] -> [..., c, K], materialised.
+
+  For products that contract over tokens (x^T y): XLA would fold a plain
+  transpose into the dot, which on CPU then runs as a slower transposed-lhs
+  matmul; the barrier keeps the (small) transposed copy, so the dot is a
+  plain row-major [c, K] x [K, F] product.
+  """
+  return lax.optimization_barrier(jnp.swapaxes(x, -1, -2))
+
+
+# A "shifted" step reads out mini-batch b-1 and takes the gradient step on
+# mini-batch b: both go through the same weights W_{b-1}, so each product with
+# those weights runs once on the K queries and K keys stacked ([2K, d] rows),
+# and in the backward the weight gradients of the read-out and of the update
+# come out of one matmul whose contraction runs over both. The scan carries
+# W_{b-1} -> W_b and emits z_{b-1}; `ttt_jax.ops.ttt` feeds it the queries one
+# mini-batch late and reads out the last mini-batch after the scan.
+#
+#   shifted_fwd(state, (xq_{b-1}, xk_b, xv_b, eta_b), ln_w, ln_b, *, eps, mm)
+#       -> ((W_b, z_{b-1}), residuals)
+#   shifted_bwd(residuals, (dW_b, dz_{b-1}), ln_w, *, mm)
+#       -> (dW_{b-1}, (dxq, dxk, dxv, deta), dln_w, dln_b)
+# with the LayerNorm cotangents per token (the caller sums them). The state
+# carries W2 transposed, W2t [..., d, F], so that every product is a
+# [rows, d] x [d, F] or a [rows, F] x [d, F]^T matmul and every weight
+# gradient a [d, rows] x [rows, F] one, the forms XLA's CPU matmuls run fastest.
+
+
+def mlp_shifted_fwd(state, inputs, ln_w, ln_b, *, eps, mm):
+  """TTT-MLP shifted step: `mlp_readout` at W_{b-1}, then `mlp_update`; W2 as W2t."""
+  W1, b1, W2t, b2 = state
+  xq, xk, xv, eta = inputs
+  K = xq.shape[-2]
+  z1_all = mm("...kd,...df->...kf", _cat_tokens(xq, xk), W1) + b1  # [..., 2K, F]
+  # One tanh per element for GELU and its derivative (XLA would recompute it in
+  # each consumer): t = tanh(sqrt(2/pi) (z + 0.044715 z^3)), materialised.
+  t = lax.optimization_barrier(jnp.tanh(_SQRT_2_OVER_PI * (z1_all + _GELU_C * z1_all**3)))
+  x2_all = 0.5 * z1_all * (1.0 + t)  # = gelu_tanh(z1_all)
+  z2_all = mm("...kf,...df->...kd", x2_all, W2t) + b2
+  yq, xq_hat, q_std = layer_norm_fwd(z2_all[..., :K, :], ln_w, ln_b, eps)
+  e2, fit_res = ln_fit_fwd(z2_all[..., K:, :], xk, xv, eta, ln_w, ln_b, eps=eps)
+  p = mm("...kd,...df->...kf", e2, W2t)
+  z1, t1 = z1_all[..., K:, :], t[..., K:, :]
+  e1 = p * (0.5 * (1.0 + t1) + 0.5 * z1 * (1.0 - t1 * t1)
+            * (_SQRT_2_OVER_PI * (1.0 + 3.0 * _GELU_C * z1 * z1)))  # p * gelu_tanh_grad(z1)
+  new = (W1 - mm("...dk,...kf->...df", _tokens_last(xk), e1), b1 - _sum_tokens(e1),
+         W2t - mm("...dk,...kf->...df", _tokens_last(e2), x2_all[..., K:, :]),
+         b2 - _sum_tokens(e2))
+  # Of the [K, F]-sized intermediates only z1 and p are kept; the GELU terms
+  # are recomputed in the backward (cheaper than storing and reloading them).
+  return (new, xq + yq), (W1, W2t, xq, xk, z1_all, p, fit_res, xq_hat, q_std)
+
+
+def mlp_shifted_bwd(res, cts, ln_w, *, mm):
+  """VJP of `mlp_shifted_fwd` (see the comment above)."""
+  W1, W2t, xq, xk, z1_all, p, fit_res, xq_hat, q_std = res
+  (dW1, db1, dW2t, db2), dout = cts
+  K = dout.shape[-2]
+  e2 = ln_fit_e(fit_res)
+  x2_all, gp_all, gpp_all = gelu_tanh_derivs(z1_all)
+  x2, gpq, gp, gpp = x2_all[..., K:, :], gp_all[..., :K, :], gp_all[..., K:, :], gpp_all[..., K:, :]
+  gq = ln_w * dout
+  m_gq, m_gqx = _row_means(gq, gq * xq_hat)
+  dzq2 = (gq - m_gq - xq_hat * m_gqx) / q_std  # = layer_norm_vjp(dout, xq_hat, q_std, ln_w)
+  # Update: the cotangents of G1 = xk^T e1, sum e1, G2 = x2^T e2, sum e2 are
+  # -(dW1, db1, dW2, db2); e1 = p * GELU'(z1) with p = e2 W2^T.
+  de1 = -(mm("...kd,...df->...kf", xk, dW1) + db1)
+  dp = de1 * gp
+  de2 = mm("...kf,...df->...kd", dp, W2t) - (mm("...kf,...df->...kd", x2, dW2t) + db2)
+  dz2, dr, deta, dlnw, dlnb = ln_fit_bwd(fit_res, de2, ln_w)
+  # z2 = GELU(z1) W2 + b2 and z1 = x W1 + b1 for the queries and keys together.
+  dz2_all = _cat_tokens(dzq2, dz2)
+  dx2_all = mm("...kd,...df->...kf", dz2_all, W2t)
+  dx2 = dx2_all[..., K:, :] - mm("...kd,...df->...kf", e2, dW2t)
+  dz1_all = _cat_tokens(dx2_all[..., :K, :] * gpq, dx2 * gp + de1 * p * gpp)
+  dx_all = mm("...kf,...df->...kd", dz1_all, W1)
+  dxk = dx_all[..., K:, :] + dr - mm("...kf,...df->...kd", p * gp, dW1)
+  dW1 = dW1 + mm("...dk,...kf->...df", _tokens_last(_cat_tokens(xq, xk)), dz1_all)
+  dW2t = (dW2t + mm("...dk,...kf->...df", _tokens_last(dz2_all), x2_all)
+          + mm("...dk,...kf->...df", _tokens_last(e2), dp))
+  dstate = (dW1, db1 + _sum_tokens(dz1_all), dW2t, db2 + _sum_tokens(dz2_all))
+  return (dstate, (dout + dx_all[..., :K, :], dxk, -dr, deta),
+          dout * xq_hat + dlnw, dout + dlnb)

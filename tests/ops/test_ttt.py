@@ -272,3 +272,148 @@ def test_shape_errors_name_the_argument():
     ttt_mlp(*tokens, params["W1"], params["b1"], params["W2"][:, :-1], params["b2"])
   with pytest.raises(ValueError, match="remat_group"):
     ttt_mlp(*tokens, *params.values(), remat_group=0)
+
+
+# ------------------------------------------- TTT-MLP hand-written VJP ----
+
+
+def test_gelu_tanh_derivs_match_autodiff():
+  from ttt_jax.ttt_step import gelu_tanh_derivs
+  with jax.enable_x64(True):
+    x = jnp.linspace(-6.0, 6.0, 1001, dtype=jnp.float64)
+    g, g1, g2 = gelu_tanh_derivs(x)
+    assert_close(g, gelu_tanh(x), 1e-12)
+    assert_close(g1, gelu_tanh_grad(x), 1e-12)
+    assert_close(g2, jax.vmap(jax.grad(gelu_tanh_grad))(x), 1e-12)
+
+
+def test_ln_fit_bwd_matches_autodiff():
+  from ttt_jax.ttt_step import ln_fit_bwd, ln_fit_fwd
+  with jax.enable_x64(True):
+    ks = jax.random.split(jax.random.key(20), 7)
+    K, d = 5, 8
+    z = 2.0 * jax.random.normal(ks[0], (K, d), jnp.float64) + 0.5
+    xk, xv = (jax.random.normal(k_, (K, d), jnp.float64) for k_ in ks[1:3])
+    eta = jax.random.uniform(ks[3], (K, 1), jnp.float64)
+    ln_w = 1.0 + 0.3 * jax.random.normal(ks[4], (1, d), jnp.float64)
+    ln_b = 0.2 * jax.random.normal(ks[5], (1, d), jnp.float64)
+    de = jax.random.normal(ks[6], (K, d), jnp.float64)
+    fit = lambda *a: ln_fit_fwd(*a, eps=1e-8)[0]
+    args = (z, xk, xv, eta, ln_w, ln_b)
+    assert_close(fit(*args), eta * layer_norm_vjp(
+        layer_norm_fwd(z, ln_w, ln_b)[0] - (xv - xk), *layer_norm_fwd(z, ln_w, ln_b)[1:], ln_w),
+        1e-12)
+    want = jax.vjp(fit, *args)[1](de)
+    dz, dr, deta, dlnw, dlnb = ln_fit_bwd(ln_fit_fwd(*args, eps=1e-8)[1], de, ln_w)
+    got = (dz, dr, -dr, deta, dlnw.sum(0, keepdims=True), dlnb.sum(0, keepdims=True))
+    for name, a, b in zip(["z", "xk", "xv", "eta", "ln_w", "ln_b"], got, want):
+      np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-10, err_msg=name)
+
+
+def test_mlp_shifted_step_matches_mlp_step_and_its_autodiff():
+  """One shifted step = mlp_readout at W_{b-1} + mlp_update; its hand-written
+  VJP = autodiff of that composition (fp64, leading [B, H] axes)."""
+  from ttt_jax.ttt_step import matmul, mlp_readout, mlp_shifted_bwd, mlp_shifted_fwd, mlp_update
+  with jax.enable_x64(True):
+    tokens, params = make_inputs(jax.random.key(21), B=2, H=2, NC=2, K=4, d=8, kind="mlp",
+                                 dtype=jnp.float64)
+    q, k, v, eta, ln_w, ln_b = tokens
+    xs = (q[:, :, 0], k[:, :, 1], v[:, :, 1], eta[:, :, 1, :, None])
+    ln_w, ln_b = ln_w[None, :, None], ln_b[None, :, None]
+    W1, b1, W2, b2 = (jnp.broadcast_to(params[n], (2, *params[n].shape))
+                      for n in ("W1", "b1", "W2", "b2"))
+    mm = matmul(jnp.float64, jnp.float64)
+
+    def ref(state, inputs, ln_w, ln_b):
+      xq, xk, xv, e = inputs
+      grads = mlp_update(state, xk, xv, e, ln_w, ln_b, eps=1e-8, mm=mm)
+      return (tuple(w - g for w, g in zip(state, grads)),
+              mlp_readout(state, xq, ln_w, ln_b, eps=1e-8, mm=mm))
+
+    def shifted(state, inputs, ln_w, ln_b):
+      W1, b1, W2, b2 = state
+      (W1, b1, W2t, b2), z = mlp_shifted_fwd((W1, b1, jnp.swapaxes(W2, -1, -2), b2), inputs,
+                                             ln_w, ln_b, eps=1e-8, mm=mm)[0]
+      return (W1, b1, jnp.swapaxes(W2t, -1, -2), b2), z
+
+    state = (W1, b1, W2, b2)
+    want_out, vjp = jax.vjp(ref, state, xs, ln_w, ln_b)
+    got_out = shifted(state, xs, ln_w, ln_b)
+    for a, b in zip(jax.tree.leaves(got_out), jax.tree.leaves(want_out)):
+      assert_close(a, b, 1e-12)
+    cts = jax.tree.map(lambda x: jax.random.normal(jax.random.key(22), x.shape, x.dtype), want_out)
+    want = vjp(cts)
+    W2t = jnp.swapaxes(W2, -1, -2)
+    res = mlp_shifted_fwd((W1, b1, W2t, b2), xs, ln_w, ln_b, eps=1e-8, mm=mm)[1]
+    (dW1, db1, dW2, db2), dz = cts
+    dstate, dxs, dlnw, dlnb = mlp_shifted_bwd(
+        res, ((dW1, db1, jnp.swapaxes(dW2, -1, -2), db2), dz), ln_w, mm=mm)
+    dstate = (dstate[0], dstate[1], jnp.swapaxes(dstate[2], -1, -2), dstate[3])
+    got = (dstate, dxs, dlnw.sum((0, 2), keepdims=True), dlnb.sum((0, 2), keepdims=True))
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+      assert_close(a, b, 1e-10)
+
+
+def _mlp_final_weights_case():
+  tokens, params = make_inputs(jax.random.key(23), B=2, H=1, NC=3, K=2, d=4, kind="mlp")
+  names = OPS["mlp"][2]
+  cot = jax.random.normal(jax.random.key(24), tokens[0].shape)
+  w_cot = {n: jax.random.normal(jax.random.key(25 + i), (2, *params[n].shape))
+           for i, n in enumerate(names)}
+
+  def loss(z, final):
+    return jnp.sum(z * cot) + sum(jnp.sum(final[n] * w_cot[n]) for n in names)
+
+  return tokens, params, names, loss
+
+
+@functools.lru_cache(maxsize=None)
+def _mlp_final_weights_reference():
+  tokens, params, _, loss = _mlp_final_weights_case()
+  return jax.jit(jax.grad(lambda t, p: loss(*run_naive("mlp", t, p)), argnums=(0, 1)))(
+      tokens, params)
+
+
+@pytest.mark.parametrize("remat_group", [None, 1, 2, 4])
+def test_mlp_gradients_incl_final_weights_match_naive(remat_group):
+  """Every gradient of ttt_mlp (hand-written VJP) against autodiff of the
+  independent per-token reference, with cotangents on z and on the final
+  weights, B > 1, and remat groups that do not divide NC (fp32, 1e-4)."""
+  tokens, params, names, loss = _mlp_final_weights_case()
+
+  def op_loss(t, p):
+    z, final = ttt_mlp(*t, *(p[n] for n in names), remat_group=remat_group,
+                       return_final_weights=True)
+    return loss(z, dict(zip(names, final)))
+
+  g_op = jax.jit(jax.grad(op_loss, argnums=(0, 1)))(tokens, params)
+  g_ref = _mlp_final_weights_reference()
+  for name, a, b in zip(["q", "k", "v", "eta", "ln_weight", "ln_bias"], g_op[0], g_ref[0]):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4, err_msg=name)
+  for name in names:
+    np.testing.assert_allclose(g_op[1][name], g_ref[1][name], rtol=1e-4, atol=1e-4, err_msg=name)
+
+
+def test_mlp_gradients_under_vmap_and_bf16():
+  """vmap of grad works, and bf16-matmul gradients track the fp32 ones."""
+  tokens, params = make_inputs(jax.random.key(30), B=1, NC=3, K=8, d=16, kind="mlp")
+  names = OPS["mlp"][2]
+  cot = jax.random.normal(jax.random.key(31), tokens[0].shape)
+
+  @functools.partial(jax.jit, static_argnums=1)
+  def grads(q, matmul_dtype=None):
+    loss = lambda t, p: jnp.sum(ttt_mlp(*t, *(p[n] for n in names), remat_group=2,
+                                        matmul_dtype=matmul_dtype) * cot)
+    return jax.grad(loss, argnums=(0, 1))((q, *tokens[1:]), params)
+
+  qs = jnp.stack([tokens[0], tokens[0][..., ::-1]])
+  batched = jax.vmap(grads)(qs)
+  for i in range(2):
+    for a, b in zip(jax.tree.leaves(grads(qs[i])), jax.tree.leaves(batched)):
+      assert_close(a, b[i], 1e-5)
+  g32 = jax.tree.leaves(grads(tokens[0]))
+  g16 = jax.tree.leaves(grads(tokens[0], jnp.bfloat16))
+  for a, b in zip(g16, g32):
+    assert a.dtype == b.dtype
+    scale = max(1.0, float(jnp.abs(b).max()))
+    assert float(jnp.abs(a - b).max()) <= 5e-2 * scale
