@@ -48,6 +48,7 @@ def get_config(seconds: int, arg: str | None) -> ml_collections.ConfigDict:
       name="toy_cartoons" if tiny else "storyboard",
       dir="" if tiny else "data/tom_jerry",
       num_videos=8 if tiny else 10_000,  # toy cartoons only
+      colours="",  # toy cartoons: comma-separated character colours ('' = the whole palette)
       height=64 if tiny else 480,
       width=96 if tiny else 720,
       seed=0,

@@ -93,6 +93,19 @@ def test_sample_video_shapes_and_determinism(workdir):
   assert other.shape == one.shape and not np.array_equal(other, one)
 
 
+def test_a_loaded_sampler_is_reused_with_the_same_results(workdir):
+  """One Sampler samples several storyboards (weights loaded once, the denoiser compiled
+  once per length) and gives what sample_video gives."""
+  sampler = sample.Sampler(workdir, 1)
+  first = sampler(CAPTIONS[:1], steps=3, seed=1, progress=False)
+  np.testing.assert_array_equal(
+      first, sample.sample_video(workdir, CAPTIONS[:1], steps=3, seed=1, progress=False))
+  assert sampler(CAPTIONS[1:2], steps=3, seed=1, progress=False).shape == first.shape
+  assert len(sampler._denoisers) == 1
+  with pytest.raises(ValueError, match="unknown sampler 'euler'"):
+    sampler(CAPTIONS[:1], sampler="euler")
+
+
 def test_sample_multi_scene_video(workdir):
   video = sample.sample_video(workdir, CAPTIONS, steps=3, sampler="ddim", progress=False)
   assert video.shape == (3 * 48 + 1, 32, 48, 3) and video.dtype == np.uint8

@@ -11,17 +11,16 @@ sampled from --storyboard or, on toy data, from <workdir>/storyboard.jsonl
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import pathlib
 
 import jax
-import ml_collections
 
 from absl import app, flags, logging
 
 from ttt_jax import metrics, preflight, sample, train
 from ttt_jax.data import toy_cartoons
+from ttt_jax.stages import load_stage_config
 
 _PRESET = flags.DEFINE_string("preset", "tiny", "Config preset of every stage (tiny | paper).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Root directory; one sub-directory per stage.")
@@ -31,18 +30,6 @@ _STORYBOARD = flags.DEFINE_string("storyboard", None, "Captions to sample the fi
                                   "(default with toy data: a held-out toy storyboard).")
 _DISTRIBUTED = flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() "
                                  "first (multi-host: every host runs the same command).")
-
-
-def load_stage_config(config_dir: str | pathlib.Path, seconds: int, preset: str
-                      ) -> ml_collections.ConfigDict:
-  """`get_config(preset)` of <config_dir>/tom_jerry_<seconds>s.py, as --config= would."""
-  path = pathlib.Path(config_dir) / f"tom_jerry_{seconds}s.py"
-  if not path.exists():
-    raise FileNotFoundError(f"no config for the {seconds} s stage: {path}")
-  spec = importlib.util.spec_from_file_location(f"tom_jerry_{seconds}s", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(preset)
 
 
 def run(preset: str, workdir: str | pathlib.Path, stages: list[int],

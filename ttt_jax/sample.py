@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import pathlib
+from typing import Any
 
 import imageio.v3 as iio
 import imageio_ffmpeg
@@ -24,7 +25,7 @@ from flax import nnx
 
 from ttt_jax import checkpoint, preflight
 from ttt_jax.data import pipeline
-from ttt_jax.layout import SECONDS_PER_SEGMENT
+from ttt_jax.layout import SECONDS_PER_SEGMENT, VideoLayout
 from ttt_jax.diffusion import NoiseSchedule, ddim_sample, dpmpp_2m_sample
 from ttt_jax.models import dit
 from ttt_jax.parallel import mesh as mesh_lib
@@ -65,54 +66,81 @@ def load_config(workdir: str | pathlib.Path) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(json.loads(path.read_text()))
 
 
-def sample_video(workdir: str | pathlib.Path, captions: list[str], *, steps: int | None = None,
-                 guidance_scale: float | None = None, sampler: str | None = None,
-                 seed: int | None = None, progress: bool = True) -> np.ndarray:
-  """Captions (one per 3 s segment) -> uint8 frames [T, H, W, 3]."""
-  config = load_config(workdir)
-  s = config.sample
-  steps, guidance_scale = steps or s.steps, s.guidance_scale if guidance_scale is None else guidance_scale
-  sampler, seed = sampler or s.sampler, s.seed if seed is None else seed
-  if sampler not in SAMPLERS:
-    raise ValueError(f"unknown sampler {sampler!r}; choose from {SAMPLERS}")
+class Sampler:
+  """A trained workdir loaded once: `sampler(captions)` -> uint8 frames [T, H, W, 3].
 
-  with config.unlocked():
-    config.seconds = SECONDS_PER_SEGMENT * len(captions)  # the video asked for
-  preflight.check(config, "sample")
-  codec, text_encoder = pipeline.make_encoders(config.data)
-  # One video on a mesh (default: every device in one context group): the weights are
-  # created sharded and restored into those shardings, the sequence is split over context.
-  mesh = mesh_lib.make_mesh(preflight.mesh_config(config, "sample")[1])
-  model = sharding.init_sharded(
-      lambda: dit.build(config.model, text_dim=config.data.text_dim, rngs=nnx.Rngs(0)), mesh)
-  checkpoint.load_params(workdir, model)
-  layout = pipeline.video_layout(config.data, SECONDS_PER_SEGMENT * len(captions), codec,
-                                 model.patch_size)
+  Sampling many storyboards (e.g. `ttt_jax.evaluate`) reuses the weights and,
+  for storyboards of the same length, the compiled denoiser.
+  """
 
-  cond = jnp.asarray(pipeline.encode_captions(captions, text_encoder, config.data.text_len))[None]
-  # The null caption, as text dropout used it in training: the encoding of "".
-  uncond = jnp.asarray(pipeline.null_caption(text_encoder, len(captions), config.data.text_len))[None]
-  shape = (1, *codec.latent_shape(codec.num_frames(layout.num_frames),
-                                  config.data.height, config.data.width))
-  k_noise, k_sde = jax.random.split(jax.random.key(seed))
-  x_T = jax.random.normal(k_noise, shape)
+  def __init__(self, workdir: str | pathlib.Path, num_segments: int):
+    """num_segments: the storyboard length the mesh and memory are checked for."""
+    config = load_config(workdir)
+    with config.unlocked():
+      config.seconds = SECONDS_PER_SEGMENT * num_segments  # the video asked for
+    preflight.check(config, "sample")
+    self.config = config
+    self.codec, self.text_encoder = pipeline.make_encoders(config.data)
+    # One video on a mesh (default: every device in one context group): the weights are
+    # created sharded and restored into those shardings, the sequence is split over context.
+    self.mesh = mesh_lib.make_mesh(preflight.mesh_config(config, "sample")[1])
+    model = sharding.init_sharded(
+        lambda: dit.build(config.model, text_dim=config.data.text_dim, rngs=nnx.Rngs(0)),
+        self.mesh)
+    checkpoint.load_params(workdir, model)
+    self.patch_size = model.patch_size
+    self.graph, self.params = nnx.split(model)
+    self._denoisers: dict[int, Any] = {}
 
-  graph, params = nnx.split(model)
-  # Params are an argument (no closure constants); the merge happens inside this jit's own
-  # trace, where nnx's transforms (the block scan) expect their Variables to be created.
-  denoise = jax.jit(lambda p, x, t, c: nnx.merge(graph, p)(x, c, t, layout))
-  kw = dict(schedule=NoiseSchedule.create(num_steps=config.diffusion.num_steps),
-            num_steps=steps, guidance_scale=guidance_scale, dynamic_cfg=s.dynamic_cfg,
-            progress=progress)
-  with jax.set_mesh(mesh):
-    if sampler == "ddim":
-      latents = ddim_sample(denoise, params, x_T, cond, uncond, **kw)
-    else:
-      latents = dpmpp_2m_sample(denoise, params, x_T, cond, uncond, rng=k_sde,
-                                sde=sampler == "dpmpp_2m_sde", **kw)
-  # Chunk by chunk to uint8 on the host: the decoder's memory stays one chunk's.
-  return np.concatenate([np.round((np.clip(chunk[0], -1.0, 1.0) + 1.0) * 127.5).astype(np.uint8)
-                         for chunk in codec.decode_chunks(latents)])  # [T, H, W, 3]
+  def _denoiser(self, layout: VideoLayout):
+    # Params are an argument (no closure constants); the merge happens inside this jit's own
+    # trace, where nnx's transforms (the block scan) expect their Variables to be created.
+    key = len(layout.segment_frames)
+    if key not in self._denoisers:
+      graph = self.graph
+      self._denoisers[key] = jax.jit(lambda p, x, t, c: nnx.merge(graph, p)(x, c, t, layout))
+    return self._denoisers[key]
+
+  def __call__(self, captions: list[str], *, steps: int | None = None,
+               guidance_scale: float | None = None, sampler: str | None = None,
+               seed: int | None = None, progress: bool = True) -> np.ndarray:
+    """Captions (one per 3 s segment) -> uint8 frames [T, H, W, 3]."""
+    config, s = self.config, self.config.sample
+    steps = steps or s.steps
+    guidance_scale = s.guidance_scale if guidance_scale is None else guidance_scale
+    sampler, seed = sampler or s.sampler, s.seed if seed is None else seed
+    if sampler not in SAMPLERS:
+      raise ValueError(f"unknown sampler {sampler!r}; choose from {SAMPLERS}")
+    codec, text_encoder = self.codec, self.text_encoder
+    layout = pipeline.video_layout(config.data, SECONDS_PER_SEGMENT * len(captions), codec,
+                                   self.patch_size)
+    cond = jnp.asarray(pipeline.encode_captions(captions, text_encoder,
+                                                config.data.text_len))[None]
+    # The null caption, as text dropout used it in training: the encoding of "".
+    uncond = jnp.asarray(pipeline.null_caption(text_encoder, len(captions),
+                                               config.data.text_len))[None]
+    shape = (1, *codec.latent_shape(codec.num_frames(layout.num_frames),
+                                    config.data.height, config.data.width))
+    k_noise, k_sde = jax.random.split(jax.random.key(seed))
+    x_T = jax.random.normal(k_noise, shape)
+    kw = dict(schedule=NoiseSchedule.create(num_steps=config.diffusion.num_steps),
+              num_steps=steps, guidance_scale=guidance_scale, dynamic_cfg=s.dynamic_cfg,
+              progress=progress)
+    denoise = self._denoiser(layout)
+    with jax.set_mesh(self.mesh):
+      if sampler == "ddim":
+        latents = ddim_sample(denoise, self.params, x_T, cond, uncond, **kw)
+      else:
+        latents = dpmpp_2m_sample(denoise, self.params, x_T, cond, uncond, rng=k_sde,
+                                  sde=sampler == "dpmpp_2m_sde", **kw)
+    # Chunk by chunk to uint8 on the host: the decoder's memory stays one chunk's.
+    return np.concatenate([np.round((np.clip(chunk[0], -1.0, 1.0) + 1.0) * 127.5)
+                           .astype(np.uint8) for chunk in codec.decode_chunks(latents)])
+
+
+def sample_video(workdir: str | pathlib.Path, captions: list[str], **kw: Any) -> np.ndarray:
+  """Captions (one per 3 s segment) -> uint8 frames [T, H, W, 3]; kw: `Sampler.__call__`'s."""
+  return Sampler(workdir, len(captions))(captions, **kw)
 
 
 def write_video(frames: np.ndarray, out: str | pathlib.Path, fps: int) -> list[pathlib.Path]:

@@ -78,8 +78,10 @@ def toy_config_name(data_cfg: Mapping[str, Any], seconds: int) -> str:
   """Dataset config of a toy set: its length plus a digest of everything that shapes it."""
   keys = ("seed", "num_videos", "height", "width", "text_len", "text_dim", "codec",
           "text_encoder")
-  digest = hashlib.sha256(json.dumps({k: data_cfg[k] for k in keys}, sort_keys=True)
-                          .encode()).hexdigest()[:12]
+  shape = {k: data_cfg[k] for k in keys}
+  if data_cfg.get("colours"):  # only when set: default sets keep their names
+    shape["colours"] = data_cfg["colours"]
+  digest = hashlib.sha256(json.dumps(shape, sort_keys=True).encode()).hexdigest()[:12]
   return f"toy_{seconds}s_{digest}"
 
 
@@ -88,7 +90,8 @@ def toy_examples(data_cfg: Mapping[str, Any], seconds: int, codec: LatentCodec,
   """(key, example) of every toy cartoon, encoded one video at a time."""
   source = toy_cartoons.ToyCartoonSource(toy_cartoons.ToyCartoonConfig(
       seconds=seconds, height=data_cfg["height"], width=data_cfg["width"],
-      seed=data_cfg["seed"], num_videos=data_cfg["num_videos"]))
+      seed=data_cfg["seed"], num_videos=data_cfg["num_videos"],
+      **({"colours": tuple(data_cfg["colours"].split(","))} if data_cfg.get("colours") else {})))
   for i in tqdm.tqdm(range(len(source)), desc=f"encoding {seconds} s toy videos", leave=False):
     item = source[i]
     video = toy_cartoons.frames_to_float(item["frames"])[None]  # [1, T, H, W, 3]

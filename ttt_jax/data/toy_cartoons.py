@@ -93,6 +93,9 @@ class ToyCartoonConfig:
   width: int = 48
   seed: int = 0
   num_videos: int = 64
+  # The colours characters are drawn from (all of PALETTE by default). The evaluation uses
+  # a subset that stays apart after the latent codec (ttt_jax/data/toy_probe.py).
+  colours: tuple[str, ...] = tuple(PALETTE)
 
   def __post_init__(self):
     if self.seconds < SECONDS_PER_SEGMENT or self.seconds % SECONDS_PER_SEGMENT:
@@ -110,6 +113,10 @@ class ToyCartoonConfig:
       raise ValueError(f"ToyCartoonConfig.seed must be >= 0, got {self.seed}")
     if self.num_videos < 1:
       raise ValueError(f"ToyCartoonConfig.num_videos must be >= 1, got {self.num_videos}")
+    unknown = [c for c in self.colours if c not in PALETTE]
+    if unknown or len(set(self.colours)) < len(SPECIES):
+      raise ValueError(f"ToyCartoonConfig.colours must name at least {len(SPECIES)} distinct "
+                       f"colours of {tuple(PALETTE)}, got {self.colours}")
 
   @property
   def num_segments(self) -> int:
@@ -378,7 +385,7 @@ def generate_video(config: ToyCartoonConfig, index: int) -> ToyVideo:
 
   # Cat and mouse always star; the dog joins half the videos.
   cast = ["cat", "mouse"] + (["dog"] if rng.random() < 0.5 else [])
-  colours = [str(c) for c in rng.choice(list(PALETTE), size=len(cast), replace=False)]
+  colours = [str(c) for c in rng.choice(list(config.colours), size=len(cast), replace=False)]
   radii = np.array([SPECIES[s].radius for s in cast])  # [K]
 
   lengths = _scene_lengths(rng, config.num_segments)

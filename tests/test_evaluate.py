@@ -1,0 +1,80 @@
+"""python -m ttt_jax.evaluate: configs per variant, the statistics, and a whole small run."""
+
+import dataclasses
+import json
+import math
+
+import pytest
+
+from ttt_jax import evaluate as ev
+
+
+def test_interval_is_the_t_interval_over_seeds():
+  """mean ± t(0.975, n-1) s / sqrt(n); t(0.975, 2) = 4.3027 from the printed t-table."""
+  mean, lo, hi = ev.interval([1.0, 2.0, 3.0])
+  assert mean == 2.0
+  assert hi - mean == pytest.approx(4.3027 * 1.0 / math.sqrt(3), rel=1e-4)
+  assert mean - lo == pytest.approx(hi - mean)
+  assert ev.interval([0.5]) == (0.5, None, None)  # one seed: no interval claimed
+
+
+def test_stage_config_sets_the_variant_and_the_evaluation_setting(tmp_path):
+  preset = ev.PRESETS["full"]
+  c = ev.stage_config(preset, "ttt_linear", 2, 18, "prev/9s", tmp_path)
+  assert (c.model.sequence_layer, c.model.ttt.inner) == ("ttt", "linear")
+  assert (c.seed, c.init_from, c.seconds) == (2, "prev/9s", 18)
+  assert (c.data.height, c.data.width, c.data.dir) == (preset.height, preset.width,
+                                                       str(tmp_path))
+  assert c.data.colours.split(",") == list(ev.EVAL_COLOURS)
+  assert c.train.steps == preset.steps[18] and c.train.batch_size == preset.batch
+  assert ev.stage_config(preset, "mamba2", 0, 3, "", tmp_path).model.sequence_layer == "mamba2"
+  # Every variant at one length differs only in the global slot: same steps, batch, widths.
+  base = ev.stage_config(preset, "local", 0, 9, "", tmp_path).to_dict()
+  for variant in ev.VARIANTS:
+    other = ev.stage_config(preset, variant, 0, 9, "", tmp_path).to_dict()
+    other["model"].pop("sequence_layer"), other["model"]["ttt"].pop("inner")
+    want = dict(base, model={k: v for k, v in base["model"].items() if k != "sequence_layer"})
+    want["model"]["ttt"] = {k: v for k, v in base["model"]["ttt"].items() if k != "inner"}
+    assert other == want, variant
+  with pytest.raises(ValueError, match="unknown variant 'rwkv'"):
+    ev.stage_config(preset, "rwkv", 0, 9, "", tmp_path)
+  with pytest.raises(ValueError, match="unknown preset 'huge'"):
+    ev.run("huge", tmp_path)
+  with pytest.raises(ValueError, match=r"unknown variants \['rwkv'\]"):
+    ev.run("ci", tmp_path, ("local", "rwkv"))
+
+
+@pytest.mark.slow  # ~3-4 min: two variants x two seeds trained, sampled and scored at 9 s
+def test_a_small_comparison_writes_results_and_resumes(tmp_path):
+  preset = dataclasses.replace(ev.PRESETS["ci"], steps={3: 2, 9: 2}, heldout=1, sample_steps=2,
+                               variants=("local", "ttt_mlp"))
+  rows = ev.run(preset, tmp_path)
+  assert json.loads((tmp_path / "results.json").read_text()) == rows
+  keys = {"variant", "seconds", "metric", "mean", "ci_low", "ci_high", "n_seeds"}
+  assert all(set(r) == keys for r in rows)
+  got = {(r["variant"], r["metric"]): r for r in rows}
+  for variant in preset.variants:
+    for metric in ("consistency", "self_consistency", "loss_first_segment",
+                   "loss_last_segment", "loss_segment_02", "params", "train_flops_per_step"):
+      row = got[(variant, metric)]
+      assert row["n_seeds"] == 2 and row["ci_low"] <= row["mean"] <= row["ci_high"], row
+    assert 0.0 <= got[(variant, "consistency")]["mean"] <= 1.0
+    assert got[(variant, "loss_last_segment")]["mean"] > 0
+  # Same widths; the TTT layer adds parameters and FLOPs to local attention alone.
+  assert got[("ttt_mlp", "params")]["mean"] > got[("local", "params")]["mean"]
+  assert got[("ttt_mlp", "train_flops_per_step")]["mean"] > \
+      got[("local", "train_flops_per_step")]["mean"]
+  # The probe's own validation: perfect on ground truth, every recolouring caught.
+  assert got[("ground_truth", "consistency")]["mean"] == 1.0
+  assert got[("recoloured", "change_detected")]["mean"] == 1.0
+  md = (tmp_path / "results.md").read_text()
+  assert "| ttt_mlp |" in md and "| local |" in md
+  for png in ("consistency.png", "loss_by_segment.png",
+              "runs/ttt_mlp/seed1/9s/sample_strip.png"):
+    assert (tmp_path / png).stat().st_size > 1000, png
+
+  # A rerun finds every run finished: nothing is trained or scored again.
+  evals = sorted(tmp_path.glob("runs/*/seed*/9s/eval.json"))
+  stamps = [p.stat().st_mtime_ns for p in evals]
+  assert ev.run(preset, tmp_path) == rows
+  assert [p.stat().st_mtime_ns for p in evals] == stamps
