@@ -84,11 +84,10 @@ def main(argv):
   from jax.sharding import NamedSharding, PartitionSpec as P
 
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-  from ttt_jax.flops import matmul_flops as jaxpr_matmul_flops
   from configs import common
   from ttt_jax import optim, preflight, train
   from ttt_jax.data import pipeline
-  from ttt_jax.diffusion import NoiseSchedule
+  from ttt_jax.flops import matmul_flops as jaxpr_matmul_flops
   from ttt_jax.layers import attention
   from ttt_jax.models import dit, vae
   from ttt_jax.parallel import mesh as mesh_lib
@@ -160,15 +159,7 @@ def main(argv):
       denoise = lambda params, x, t, cond: nnx.merge(graphdef, params)(x, cond, t, layout)
       return jax.jit(denoise), (abstract, latents, t, text)
 
-    def step(state, batch, rng, null_text):
-      model, optimizer = nnx.merge(graphdef, state)
-      out = train.train_step(model, optimizer, batch, rng, null_text,
-                             optim_cfg=config.optim.to_dict(), layout=layout,
-                             schedule=NoiseSchedule.create(num_steps=config.diffusion.num_steps),
-                             text_dropout=config.diffusion.text_dropout,
-                             microbatches=config.train.microbatches)
-      return nnx.state((model, optimizer)), out
-
+    step = train.pure_step(config, layout, graphdef)
     return (jax.jit(step, donate_argnums=(0,), out_shardings=(state_shardings, None)),
             (abstract, {"latents": latents, "text": text}, key, null))
 

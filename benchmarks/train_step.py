@@ -40,7 +40,6 @@ from bench_utils import MIB  # this directory
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # configs/ (not installed)
 from configs import common  # noqa: E402
 from ttt_jax import optim, train
-from ttt_jax.diffusion import NoiseSchedule
 from ttt_jax.layout import VideoLayout
 from ttt_jax.models import dit
 
@@ -102,15 +101,7 @@ def benchmark(config: dict[str, Any]) -> dict[str, Any]:
   rng = jax.random.key(1)
 
   graph, state = nnx.split((model, optimizer))
-  step_kw = dict(optim_cfg=stage.optim.to_dict(), layout=layout,
-                 schedule=NoiseSchedule.create(num_steps=stage.diffusion.num_steps),
-                 text_dropout=stage.diffusion.text_dropout)
-
-  def step(state, batch, rng, null_text):
-    # Merged inside the jit's trace, as nnx's transforms (the block scan) expect.
-    model, optimizer = nnx.merge(graph, state)
-    out = train.train_step(model, optimizer, batch, rng, null_text, **step_kw)
-    return nnx.state((model, optimizer)), out
+  step = train.pure_step(stage, layout, graph)
 
   state_mib = sum(x.nbytes for x in jax.tree.leaves(state)) / MIB
   logging.info("compiling: %d parameters, %d tokens per video ...", param_count, layout.seq_len)

@@ -68,7 +68,6 @@ import matplotlib.pyplot as plt  # noqa: E402
 from ttt_jax import checkpoint, flops, optim, sample, stages, train  # noqa: E402
 from ttt_jax.data import pipeline, toy_cartoons, toy_probe  # noqa: E402
 from ttt_jax.diffusion import NoiseSchedule, v_prediction_loss  # noqa: E402
-from ttt_jax.layout import SECONDS_PER_SEGMENT  # noqa: E402
 from ttt_jax.models import dit  # noqa: E402
 
 # variant -> config overrides (dotted keys of configs/common.py's config)
@@ -232,16 +231,10 @@ def cost(config: ml_collections.ConfigDict) -> dict[str, float]:
            "text": jax.ShapeDtypeStruct((B, layout.num_text, config.data.text_dim), jnp.float32)}
   null = jax.ShapeDtypeStruct((layout.num_text, config.data.text_dim), jnp.float32)
 
-  def step(state, batch, null):
-    m, o = nnx.merge(graph, state)
-    return train.train_step(m, o, batch, jax.random.key(0), null,
-                            optim_cfg=config.optim.to_dict(), layout=layout,
-                            schedule=NoiseSchedule.create(num_steps=config.diffusion.num_steps),
-                            text_dropout=config.diffusion.text_dropout)
-
   params = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
-  return {"params": float(params), "train_flops_per_step": flops.matmul_flops(step, state,
-                                                                               batch, null)}
+  step = train.pure_step(config, layout, graph)
+  return {"params": float(params), "train_flops_per_step": flops.matmul_flops(
+      step, state, batch, jax.random.key(0), null)}
 
 
 # ----------------------------------------------------------------------------- runs
@@ -425,7 +418,6 @@ def main(argv: list[str]) -> None:
     # Seeds of a variant compile the same programs: the second and third load them.
     jax.config.update("jax_compilation_cache_dir",
                       str(pathlib.Path(FLAGS.workdir).absolute() / "jax_cache"))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
   run(FLAGS.preset, FLAGS.workdir, tuple(FLAGS.variants) if FLAGS.variants else None)
   print((pathlib.Path(FLAGS.workdir) / "results.md").read_text())
 

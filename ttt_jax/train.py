@@ -18,7 +18,7 @@ import pathlib
 import signal
 import sys
 import time
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -120,7 +120,16 @@ def accumulated_grads(model: dit.VideoDiT, batch: dict[str, jax.Array], rng: jax
       lambda g, p: (g / microbatches).astype(p.dtype), grads, params)
 
 
-def make_step_fn(config: ml_collections.ConfigDict, layout: VideoLayout, schedule: NoiseSchedule,
+def step_kwargs(config: ml_collections.ConfigDict, layout: VideoLayout) -> dict[str, Any]:
+  """`train_step`'s keyword arguments for a stage config."""
+  return dict(optim_cfg=config.optim.to_dict(), layout=layout,
+              schedule=NoiseSchedule.create(num_steps=config.diffusion.num_steps),
+              text_dropout=config.diffusion.text_dropout,
+              skip_nonfinite=config.train.nonfinite == "skip",
+              microbatches=config.train.get("microbatches", 1))
+
+
+def make_step_fn(config: ml_collections.ConfigDict, layout: VideoLayout,
                  model: dit.VideoDiT, optimizer: nnx.Optimizer):
   """step(batch, rng, null_text) -> outputs: the jitted `train_step` bound to this state.
 
@@ -129,12 +138,25 @@ def make_step_fn(config: ml_collections.ConfigDict, layout: VideoLayout, schedul
   before `save` returns, so a pending async save is safe).
   """
   return nnx.cached_partial(  # cached graph traversal: less Python per step
-      nnx.jit(functools.partial(train_step, optim_cfg=config.optim.to_dict(), layout=layout,
-                                schedule=schedule, text_dropout=config.diffusion.text_dropout,
-                                skip_nonfinite=config.train.nonfinite == "skip",
-                                microbatches=config.train.get("microbatches", 1)),
+      nnx.jit(functools.partial(train_step, **step_kwargs(config, layout)),
               donate_argnums=(0, 1)),
       model, optimizer)
+
+
+def pure_step(config: ml_collections.ConfigDict, layout: VideoLayout, graph: nnx.GraphDef
+              ) -> Callable[..., tuple[nnx.State, dict[str, jax.Array]]]:
+  """`train_step` as a function of the state of `nnx.split((model, optimizer))`:
+  step(state, batch, rng, null_text) -> (new state, outputs), for AOT compiles,
+  FLOP counts and benchmarks (jit it; `graph` may come from an abstract model)."""
+  kw = step_kwargs(config, layout)
+
+  def step(state, batch, rng, null_text):
+    # Merged inside the caller's trace, as nnx's transforms (the block scan) expect.
+    model, optimizer = nnx.merge(graph, state)
+    out = train_step(model, optimizer, batch, rng, null_text, **kw)
+    return nnx.state((model, optimizer)), out
+
+  return step
 
 
 def record_config(workdir: pathlib.Path, config: ml_collections.ConfigDict) -> None:
@@ -245,8 +267,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
   writer = metrics.MetricsWriter(workdir / "metrics.jsonl", resume_step=start) if lead else None
 
   # ------------------------------------------------------------------ loop
-  schedule = NoiseSchedule.create(num_steps=config.diffusion.num_steps)
-  step_fn = make_step_fn(config, layout, schedule, model, optimizer)
+  step_fn = make_step_fn(config, layout, model, optimizer)
   lr = {g: optim.learning_rate(config.optim, g) for g in optim.GROUPS}
   tokens_per_step = config.train.batch_size * layout.seq_len
   # Step outputs stay on the device until a log, checkpoint or signal point (no per-step
