@@ -7,6 +7,7 @@ import pathlib
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -146,3 +147,57 @@ def test_paper_scale_aot_json():
     assert row[key] > 0, key
   # The jaxpr count sees the scans XLA's cost analysis counts once.
   assert row["flops_per_step"] > 10 * row["xla_cost_analysis_flops"]
+
+
+@pytest.mark.slow  # ~70 s: three compiles of the tiny DiT's train step, each in a new process
+def test_scaling_benchmark_json_and_slopes(tmp_path):
+  """local attention at 3 and 9 s is measured and its slopes are those of the rows; at 18 s
+  it is over the memory cap: compiled, not run. Full attention over the token cap is skipped
+  before compiling. The plot is written. A run past its timeout is given up, and so are the
+  longer lengths of its variant."""
+  run = lambda *flags: subprocess.run(
+      [sys.executable, "benchmarks/scaling.py", "--repeats=1", *flags],
+      cwd=REPO, capture_output=True, text=True, timeout=300, check=False)
+  plot = tmp_path / "scaling.png"
+  proc = run("--variants=local,full_attention", "--seconds=18,3,9", "--max_memory_gib=0.1",
+             "--max_tokens_full_attention=100", f"--plot={plot}")
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  doc = json.loads(proc.stdout)
+  assert {"device", "platform", "jax_version", "config", "results", "slopes"} <= doc.keys()
+  rows = {(r["variant"], r["seconds"]): r for r in doc["results"]}
+  assert list(rows) == [(v, s) for v in ("local", "full_attention") for s in (3, 9, 18)]
+  assert [r["tokens"] for r in doc["results"][:3]] == [
+      16 + 13 * 4 * 6, 3 * 16 + 37 * 4 * 6, 6 * 16 + 73 * 4 * 6]  # captions + frames of 4x6
+  positive = lambda x: isinstance(x, (int, float)) and math.isfinite(x) and x > 0
+  for s in (3, 9, 18):
+    r = rows["local", s]
+    assert r["width"] == "tiny"
+    for field in ("compile_s", "temp_mib", "argument_mib", "output_mib", "flops"):
+      assert positive(r[field]), (s, field)
+    assert r["memory_mib"] == pytest.approx(r["temp_mib"] + r["argument_mib"] + r["output_mib"])
+    fa = rows["full_attention", s]
+    assert fa["skipped"] == f"{fa['tokens']} tokens > --max_tokens_full_attention=100"
+    assert "memory_mib" not in fa  # never compiled
+  local = [rows["local", 3], rows["local", 9]]
+  assert all(r["skipped"] is None and positive(r["step_s"]) for r in local)
+  over = rows["local", 18]  # ~120 MiB
+  assert "step_s" not in over and over["memory_mib"] > 0.1 * 1024
+  assert over["skipped"] == (
+      f"compiled memory {over['memory_mib'] / 1024:.1f} GiB > --max_memory_gib=0.1")
+  assert local[1]["flops"] > local[0]["flops"]
+
+  slopes = doc["slopes"]["local/tiny"]
+  assert slopes["points"] == 2
+  for field in ("step_s", "memory_mib", "temp_mib"):
+    want = np.polyfit(np.log([r["tokens"] for r in local]),
+                      np.log([r[field] for r in local]), 1)[0]
+    assert slopes[field] == pytest.approx(want), field
+  assert doc["slopes"]["full_attention/tiny"] == {
+      "points": 0, "step_s": None, "memory_mib": None, "temp_mib": None}
+  assert plot.stat().st_size > 0
+
+  proc = run("--variants=local", "--seconds=3,9", "--run_timeout_s=0.5")  # not even imported
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  assert [r["skipped"] for r in json.loads(proc.stdout)["results"]] == [
+      "timed out after 0.5 s (--run_timeout_s)",
+      "the 3 s run: timed out after 0.5 s (--run_timeout_s)"]
