@@ -40,6 +40,10 @@ def get_config(seconds: int, arg: str | None) -> ml_collections.ConfigDict:
   # Workdir of the previous stage whose latest params initialise this one
   # ('' = fresh init). `ttt_jax.curriculum` fills it in stage by stage.
   c.init_from = ""
+  # True: init_from may lack the global slot's parameters (model.sequence_layer and its
+  # gates), which then start fresh: a base trained without that layer is given it, as the
+  # paper gives CogVideoX its TTT layers. Every other parameter must still match.
+  c.init_new_layers = False
 
   c.data = ml_collections.ConfigDict(dict(
       # "toy_cartoons": the embedded procedural set, generated and encoded on first use

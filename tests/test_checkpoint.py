@@ -138,6 +138,49 @@ def test_load_params_into_a_different_model_names_the_checkpoint(saved):
     checkpoint.load_params(saved["workdir"], build_model(cfg))
 
 
+@pytest.fixture(scope="module")
+def saved_local(tmp_path_factory):
+  """A workdir holding a local-attention model (no global slot), step 5."""
+  cfg = small_config().copy_and_resolve_references()
+  cfg.model.sequence_layer = "local"
+  model, optimizer = _trained(cfg)
+  workdir = tmp_path_factory.mktemp("local")
+  ckpt = checkpoint.Checkpointer(workdir)
+  ckpt.save(5, model, optimizer, jax.random.key(0), _data_state()[0])
+  ckpt.close()
+  return dict(cfg=cfg, workdir=workdir, model=model)
+
+
+def test_load_params_keeps_fresh_layers_a_base_lacks(saved_local):
+  """A local-attention base into a TTT model: every base param copied, TTT params untouched."""
+  model = build_model(small_config(), seed=3)
+  init = flat(params_of(model))
+  assert checkpoint.load_params(saved_local["workdir"], model, fresh=optim.is_global_slot) == 5
+  got, base = flat(params_of(model)), flat(params_of(saved_local["model"]))
+  fresh_names = sorted(set(got) - set(base))
+  assert fresh_names and all("ttt" in n.split("/") for n in fresh_names), fresh_names
+  for name in got:
+    want = base[name] if name in base else init[name]
+    np.testing.assert_array_equal(got[name], want, err_msg=name)
+  assert any(not np.array_equal(init[n], base[n]) for n in base)  # the copy did something
+
+
+def test_load_params_fresh_must_cover_every_missing_param(saved_local):
+  model = build_model(small_config(), seed=3)
+  with pytest.raises(ValueError, match="does not fit this model"):
+    checkpoint.load_params(saved_local["workdir"], model)  # no fresh: strict
+  only_gates = lambda path: optim.is_global_slot(path) and "alpha" in str(path[-1])
+  with pytest.raises(ValueError, match=r"lacks parameters .*blocks/ttt/"):
+    checkpoint.load_params(saved_local["workdir"], model, fresh=only_gates)
+
+
+def test_load_params_names_params_the_model_lacks(saved):
+  cfg = saved["cfg"].copy_and_resolve_references()
+  cfg.model.sequence_layer = "local"
+  with pytest.raises(ValueError, match=r"holds parameters this model does not have: .*blocks/ttt/"):
+    checkpoint.load_params(saved["workdir"], build_model(cfg), fresh=optim.is_global_slot)
+
+
 @pytest.mark.parametrize("tmp_name", ["9.orbax-checkpoint-tmp", "9.orbax-checkpoint-tmp-1712345678"])
 def test_half_written_checkpoint_is_not_latest(saved, tmp_path, tmp_name):
   cfg, workdir = saved["cfg"], tmp_path / "run"

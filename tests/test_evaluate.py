@@ -27,7 +27,10 @@ def test_stage_config_sets_the_variant_and_the_evaluation_setting(tmp_path):
                                                        str(tmp_path))
   assert c.data.colours.split(",") == list(ev.EVAL_COLOURS)
   assert c.train.steps == preset.steps[18] and c.train.batch_size == preset.batch
-  assert ev.stage_config(preset, "mamba2", 0, 3, "", tmp_path).model.sequence_layer == "mamba2"
+  assert not c.init_new_layers
+  first = ev.stage_config(preset, "mamba2", 0, 3, "runs/base/3s", tmp_path)
+  assert first.model.sequence_layer == "mamba2"
+  assert first.init_new_layers  # the 3 s stage adds the global layer to the base
   # Every variant at one length differs only in the global slot: same steps, batch, widths.
   base = ev.stage_config(preset, "local", 0, 9, "", tmp_path).to_dict()
   for variant in ev.VARIANTS:
@@ -36,12 +39,35 @@ def test_stage_config_sets_the_variant_and_the_evaluation_setting(tmp_path):
     want = dict(base, model={k: v for k, v in base["model"].items() if k != "sequence_layer"})
     want["model"]["ttt"] = {k: v for k, v in base["model"]["ttt"].items() if k != "inner"}
     assert other == want, variant
+  # Full attention stops at 18 s (the cost reference at short lengths); the rest go to 63 s.
+  assert preset.lengths("full_attention") == (9, 18) and preset.lengths("ttt_mlp") == (9, 18, 63)
   with pytest.raises(ValueError, match="unknown variant 'rwkv'"):
     ev.stage_config(preset, "rwkv", 0, 9, "", tmp_path)
   with pytest.raises(ValueError, match="unknown preset 'huge'"):
     ev.run("huge", tmp_path)
   with pytest.raises(ValueError, match=r"unknown variants \['rwkv'\]"):
     ev.run("ci", tmp_path, ("local", "rwkv"))
+
+
+def test_consistency_lift_is_over_other_storyboards_captions():
+  """Lift = F1 vs the own first caption minus the mean F1 vs 64 other storyboards' captions:
+  ground truth is lifted by 1 - chance; another storyboard's video is not lifted."""
+  from ttt_jax.data import toy_cartoons, toy_probe
+  preset = dataclasses.replace(ev.PRESETS["ci"], height=64, width=96)
+  chance = ev.chance_captions(preset)
+  assert len(chance) == ev.CHANCE_STORYBOARDS
+  cfg = toy_cartoons.ToyCartoonConfig(seconds=6, height=64, width=96, seed=7, num_videos=6,
+                                      colours=ev.EVAL_COLOURS)
+  videos = [toy_cartoons.generate_video(cfg, i) for i in range(6)]
+  own = ev.probe_video(videos[0].frames, videos[0], chance)
+  want = toy_probe.caption_colours(videos[0])
+  f1 = lambda a, b: 2 * len(a & b) / (len(a) + len(b))
+  assert own["consistency"] == 1.0
+  assert own["consistency_lift"] == pytest.approx(1.0 - sum(f1(want, c) for c in chance) / 64)
+  assert own["consistency_lift"] > 0.4
+  swapped = [ev.probe_video(videos[(i + 1) % 6].frames, videos[i], chance)["consistency_lift"]
+             for i in range(6)]
+  assert sum(swapped) / 6 < 0.15 < own["consistency_lift"]
 
 
 def test_collect_aggregates_seeds_and_reports_the_probe_check(tmp_path):
@@ -67,7 +93,8 @@ def test_collect_aggregates_seeds_and_reports_the_probe_check(tmp_path):
 @pytest.mark.slow  # ~2-3 min: two variants trained, sampled and scored at 9 s
 def test_a_small_comparison_writes_results_and_resumes(tmp_path):
   """The whole pipeline for one seed (several seeds: test_collect_aggregates_seeds...)."""
-  preset = dataclasses.replace(ev.PRESETS["ci"], steps={3: 2, 9: 2}, seeds=(0,), heldout=1,
+  preset = dataclasses.replace(ev.PRESETS["ci"], base_steps=3, steps={3: 2, 9: 2}, seeds=(0,),
+                               heldout=1,
                                sample_steps=2, variants=("local", "ttt_mlp"))
   rows = ev.run(preset, tmp_path)
   assert json.loads((tmp_path / "results.json").read_text()) == rows
@@ -88,14 +115,21 @@ def test_a_small_comparison_writes_results_and_resumes(tmp_path):
   # The probe's own validation: perfect on ground truth, every recolouring caught.
   assert got[("ground_truth", "consistency")]["mean"] == 1.0
   assert got[("recoloured", "change_detected")]["mean"] == 1.0
+  # Both variants started from the shared local-attention base.
+  assert json.loads((tmp_path / "runs/base/3s/base.json").read_text())["steps"] == 3
+  for variant in preset.variants:
+    config = json.loads((tmp_path / "runs" / variant / "seed0/3s/config.json").read_text())
+    assert config["init_from"] == str(tmp_path / "runs/base/3s") and config["init_new_layers"]
   md = (tmp_path / "results.md").read_text()
+  assert "one shared base" in md
   assert "| ttt_mlp |" in md and "| local |" in md
   for png in ("consistency.png", "loss_by_segment.png",
               "runs/ttt_mlp/seed0/9s/sample_strip.png"):
     assert (tmp_path / png).stat().st_size > 1000, png
 
   # A rerun finds every run finished: nothing is trained or scored again.
-  evals = sorted(tmp_path.glob("runs/*/seed*/9s/eval.json"))
+  evals = sorted(tmp_path.glob("runs/*/seed*/9s/eval.json")) + \
+      [tmp_path / "runs/base/3s/base.json"]
   stamps = [p.stat().st_mtime_ns for p in evals]
   assert ev.run(preset, tmp_path) == rows
   assert [p.stat().st_mtime_ns for p in evals] == stamps

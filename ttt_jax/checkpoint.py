@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import json
 import pathlib
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import numpy as np
@@ -150,23 +150,78 @@ class Checkpointer:
     self.manager.close()
 
 
-def load_params(workdir: str | pathlib.Path, model: nnx.Module) -> int:
-  """Loads the latest params of another run (e.g. the previous stage) into `model`."""
+def _keys(path: Any) -> tuple[str, ...]:
+  return tuple(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
+
+
+def load_params(workdir: str | pathlib.Path, model: nnx.Module, *,
+                fresh: Callable[[tuple[str, ...]], bool] | None = None) -> int:
+  """Loads the latest params of another run (e.g. the previous stage) into `model`.
+
+  fresh: parameter paths (e.g. ("blocks", "ttt", "gate")) that may be absent
+  from the checkpoint; they keep the model's initialisation (a base trained
+  without a layer, given the layer). Every other parameter must be in the
+  checkpoint with its shape, and the checkpoint may hold no others.
+  """
   directory = _params_dir(workdir)
   if not directory.is_dir():  # checked first: the manager would create it
     raise FileNotFoundError(f"no checkpoint to initialise from in {directory}")
   with ocp.CheckpointManager(directory, item_names=("params",),
+                             item_handlers={"params": ocp.StandardCheckpointHandler()},
                              options=ocp.CheckpointManagerOptions(read_only=True)) as manager:
     step = manager.latest_step()
     if step is None:
       raise FileNotFoundError(f"no checkpoint to initialise from in {directory}")
     params = nnx.state(model, nnx.Param)
+    target = _abstract(nnx.to_pure_dict(params))
+    if fresh is not None:
+      saved = {_keys(path): leaf.shape for path, leaf in
+               jax.tree_util.tree_leaves_with_path(manager.item_metadata(step)["params"])}
+      wanted = {_keys(path): leaf.shape for path, leaf in
+                jax.tree_util.tree_leaves_with_path(target)}
+      name = lambda keys: sorted("/".join(k) for k in keys)
+      problems = [
+          ("lacks parameters this model needs (and that may not start fresh)",
+           name(k for k in wanted.keys() - saved.keys() if not fresh(k))),
+          ("holds parameters this model does not have", name(saved.keys() - wanted.keys())),
+          ("has other shapes than this model for",
+           [f"{n}: {saved[k]} vs {wanted[k]}" for n, k in
+            sorted(("/".join(k), k) for k in wanted.keys() & saved.keys())
+            if tuple(saved[k]) != tuple(wanted[k])])]
+      for what, culprits in problems:
+        if culprits:
+          raise ValueError(f"checkpoint {directory}/{step} {what}: {culprits}")
+      target = _subtree(target, set(wanted) & set(saved))
     try:
       out = manager.restore(step, args=ocp.args.Composite(
-          params=ocp.args.StandardRestore(_abstract(nnx.to_pure_dict(params)))))
+          params=ocp.args.StandardRestore(target)))
     except ValueError as e:
       raise ValueError(f"checkpoint {directory}/{step} does not fit this model "
                        f"(different config.model?): {e}") from e
-  nnx.replace_by_pure_dict(params, out["params"])
+  loaded = nnx.to_pure_dict(params)
+  for path, value in jax.tree_util.tree_leaves_with_path(out["params"]):
+    _set(loaded, _keys(path), value)
+  nnx.replace_by_pure_dict(params, loaded)
   nnx.update(model, params)
   return step
+
+
+def _subtree(tree: dict[str, Any], keep: set[tuple[str, ...]], prefix: tuple[str, ...] = ()
+             ) -> dict[str, Any]:
+  """The leaves of a nested dict whose key paths are in `keep` (empty branches dropped)."""
+  out = {}
+  for k, v in tree.items():
+    path = (*prefix, str(k))
+    if isinstance(v, dict):
+      if sub := _subtree(v, keep, path):
+        out[k] = sub
+    elif path in keep:
+      out[k] = v
+  return out
+
+
+def _set(tree: dict[str, Any], path: tuple[str, ...], value: Any) -> None:
+  node = tree
+  for k in path[:-1]:
+    node = node[k] if k in node else node[int(k)]
+  node[path[-1] if path[-1] in node else int(path[-1])] = value

@@ -28,6 +28,11 @@ def param_group(path: Sequence[Any]) -> str:
   return "other"
 
 
+def is_global_slot(path: Sequence[Any]) -> bool:
+  """Whether a parameter belongs to a block's global slot (TTT or a baseline) or its gates."""
+  return param_group(path) == "ttt"
+
+
 def param_labels(params: Any) -> Any:
   return jax.tree_util.tree_map_with_path(lambda path, _: param_group(path), params)
 

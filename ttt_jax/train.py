@@ -253,7 +253,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
     convert.load_pretrained(config.model.pretrained, model)
     logging.warning("initialised CogVideoX weights from %s", config.model.pretrained)
   if config.init_from:
-    step = checkpoint.load_params(config.init_from, model)
+    step = checkpoint.load_params(config.init_from, model, fresh=optim.is_global_slot
+                                  if config.init_new_layers else None)
     logging.warning("initialised from %s (step %d)", config.init_from, step)
   log_parameter_counts(model, config.optim)
 
