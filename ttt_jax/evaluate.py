@@ -11,10 +11,11 @@ only, `sliding_window`, `full_attention`, `mamba2`, `gated_deltanet`,
 fresh (`init_new_layers`) and trains the same curriculum on toy cartoons from
 the same seeds: a 3 s stage, then each evaluated length in turn, with the same
 steps, batch, widths and learning rates (the parameter count and matmul FLOPs
-per step of each are reported). The base carries the budget of learning to
-draw; without it, a few hundred steps per variant do not get a tiny model to
-render the characters at all. After each evaluated length the run is scored
-on held-out storyboards:
+per step of each are reported). The base spends the budget of learning to
+draw once instead of in every variant. At the `full` preset's budget it does
+not yet draw the caption's colours, so no variant separates
+(benchmarks/RESULTS.md). After each evaluated length the run is scored on
+held-out storyboards:
 
 - `consistency`: the toy cartoons name each character's colour only in the
   first caption. Videos sampled from the held-out storyboards are read by the
