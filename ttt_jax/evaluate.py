@@ -132,8 +132,8 @@ PRESETS = {
     # Every variant, one length, two seeds: the whole pipeline in CI time on 2 cores.
     "ci": Preset(seconds=(9,), seeds=(0, 1), base_steps=200, steps={3: 20, 9: 10}, batch=2,
                  num_videos=8, heldout=2, sample_steps=4, height=64, width=96),
-    # The comparison: 9 / 18 / 63 s, three seeds, sized for ~2 h on the 2-core box (compiles
-    # are a large part; seeds after the first load them from the persistent cache).
+    # The comparison: 9 / 18 / 63 s, three seeds; 80 min on the 2-core box (compiles are a
+    # large part; seeds after the first load them from the persistent cache).
     "full": Preset(seconds=(9, 18, 63), seeds=(0, 1, 2), base_steps=3000,
                    steps={3: 60, 9: 40, 18: 16, 63: 6}, batch=2, num_videos=128, heldout=3,
                    sample_steps=10, height=64, width=96, loss_timesteps=(200, 500, 800)),
@@ -401,8 +401,9 @@ def write_markdown(rows: list[dict[str, Any]], preset_name: str, out: pathlib.Pa
       n = index.get((v, seconds, "consistency"), {}).get("n_seeds", 0)
       lines.append(f"| {v} | " + " | ".join(_fmt(index.get((v, seconds, m))) for m in columns)
                    + f" | {n} |")
-    probe = [f"{name}: consistency {_fmt(index.get((name, seconds, 'consistency')))} "
-             f"(lift {_fmt(index.get((name, seconds, 'consistency_lift')))}), change detected {_fmt(index.get((name, seconds, 'change_detected')))}"
+    cell = lambda name, metric: _fmt(index.get((name, seconds, metric)))
+    probe = [f"{name}: consistency {cell(name, 'consistency')} (lift "
+             f"{cell(name, 'consistency_lift')}), change detected {cell(name, 'change_detected')}"
              for name in ("ground_truth", "recoloured")]
     lines += ["", "Probe on held-out videos through the codec: " + "; ".join(probe) + ".", ""]
   out.write_text("\n".join(lines))
