@@ -167,7 +167,8 @@ class CausalSelfAttention(nnx.Module):
     return q, k, v
 
   def core(self, q: Array, k: Array, v: Array) -> Array:
-    raise NotImplementedError
+    """The per-head attention, [B, L, H, d] each -> [B, L, H, d]: abstract, each subclass's."""
+    raise NotImplementedError(f"{type(self).__name__} must define core(q, k, v)")
 
   def merge(self, o: Array) -> Array:
     """o [B, L, H, d] -> [B, L, D]: the output projection."""
