@@ -27,6 +27,9 @@ def test_stage_config_sets_the_variant_and_the_evaluation_setting(tmp_path):
                                                        str(tmp_path))
   assert c.data.colours.split(",") == list(ev.EVAL_COLOURS)
   assert c.train.steps == preset.steps[18] and c.train.batch_size == preset.batch
+  assert c.model.variant == preset.model == "small"
+  assert (c.sample.steps, c.sample.sampler, c.sample.guidance_scale) == (
+      preset.sample_steps, "dpmpp_2m", 1.0)
   assert not c.init_new_layers
   first = ev.stage_config(preset, "mamba2", 0, 3, "runs/base/3s", tmp_path)
   assert first.model.sequence_layer == "mamba2"

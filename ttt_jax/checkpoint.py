@@ -151,7 +151,7 @@ class Checkpointer:
 
 
 def _keys(path: Any) -> tuple[str, ...]:
-  return tuple(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
+  return tuple(jax.tree_util.keystr(path, simple=True, separator="/").split("/"))
 
 
 def load_params(workdir: str | pathlib.Path, model: nnx.Module, *,

@@ -12,10 +12,10 @@ fresh (`init_new_layers`) and trains the same curriculum on toy cartoons from
 the same seeds: a 3 s stage, then each evaluated length in turn, with the same
 steps, batch, widths and learning rates (the parameter count and matmul FLOPs
 per step of each are reported). The base spends the budget of learning to
-draw once instead of in every variant. At the `full` preset's budget it does
-not yet draw the caption's colours, so no variant separates
-(benchmarks/RESULTS.md). After each evaluated length the run is scored on
-held-out storyboards:
+draw once instead of in every variant. The `full` preset's base is the small
+DiT (`dit.VARIANTS["small"]`) trained 6000 steps: the tiny DiT, trained 3000,
+drew no caption colour and no variant separated from it (benchmarks/RESULTS.md).
+After each evaluated length the run is scored on held-out storyboards:
 
 - `consistency`: the toy cartoons name each character's colour only in the
   first caption. Videos sampled from the held-out storyboards are read by the
@@ -102,7 +102,8 @@ class Preset:
   base_steps, base_batch: the shared base, local attention alone at 3 s (seed 0), that every
   variant starts from, as the paper's variants all start from CogVideoX.
   steps: train steps of every variant's stage (3 s included); batch: clips per step.
-  heldout: storyboards sampled and scored per length; sample_steps: sampler steps.
+  heldout: storyboards sampled and scored per length; sample_steps, sampler, guidance_scale:
+  how they are sampled (ttt_jax.sample).
   loss_timesteps: diffusion timesteps the held-out loss averages over.
   max_seconds: the longest evaluated length of a variant (default: all of `seconds`).
   Full attention is the cost reference at short lengths: quadratic, its 63 s stage alone
@@ -116,6 +117,12 @@ class Preset:
   heldout: int
   sample_steps: int
   base_batch: int = 4
+  # Without guidance: on the small base (6000 steps), 16 held-out storyboards, the first
+  # segment's lift was 0.11-0.12 with the ODE sampler at 10 or 25 steps, 0.05 with guidance 2
+  # and -0.01 with the config's SDE at guidance 6 (benchmarks/RESULTS.md). It also halves
+  # the sampling cost.
+  sampler: str = "dpmpp_2m"
+  guidance_scale: float = 1.0
   height: int = 128
   width: int = 192
   model: str = "tiny"
@@ -133,11 +140,14 @@ PRESETS = {
     # Every variant, one length, two seeds: the whole pipeline in CI time on 2 cores.
     "ci": Preset(seconds=(9,), seeds=(0, 1), base_steps=200, steps={3: 20, 9: 10}, batch=2,
                  num_videos=8, heldout=2, sample_steps=4, height=64, width=96),
-    # The comparison: 9 / 18 / 63 s, three seeds; 80 min on the 2-core box (compiles are a
-    # large part; seeds after the first load them from the persistent cache).
-    "full": Preset(seconds=(9, 18, 63), seeds=(0, 1, 2), base_steps=3000,
+    # The comparison: 9 / 18 / 63 s, three seeds, on the small DiT: the tiny one, trained
+    # 3000 steps, drew no caption colour (first-segment lift ~0), the small one 6000 steps
+    # draws them (lift 0.12-0.17; benchmarks/RESULTS.md). Seeds after the first load their
+    # compiled programs from the persistent cache.
+    "full": Preset(seconds=(9, 18, 63), seeds=(0, 1, 2), base_steps=6000,
                    steps={3: 60, 9: 40, 18: 16, 63: 6}, batch=2, num_videos=128, heldout=3,
-                   sample_steps=10, height=64, width=96, loss_timesteps=(200, 500, 800)),
+                   sample_steps=10, height=64, width=96, model="small",
+                   loss_timesteps=(200, 500, 800)),
 }
 METRICS_PER_VIDEO = ("consistency", "self_consistency", "first_segment", "consistency_lift",
                      "first_segment_lift")
@@ -163,7 +173,8 @@ def stage_config(preset: Preset, variant: str, seed: int, seconds: int, init_fro
     c.train.update(dict(steps=preset.steps[seconds], batch_size=preset.batch,
                         log_every=max(1, min(10, preset.steps[seconds])),
                         ckpt_every=preset.steps[seconds]))
-    c.sample.steps = preset.sample_steps
+    c.sample.update(dict(steps=preset.sample_steps, sampler=preset.sampler,
+                         guidance_scale=preset.guidance_scale))
     for key, value in VARIANTS[variant].items():
       *parents, leaf = key.split(".")
       node = c

@@ -20,7 +20,7 @@ _ATTN_PROJ = ("to_q", "to_k", "to_v", "to_out")
 
 
 def param_group(path: Sequence[Any]) -> str:
-  names = [str(getattr(k, "key", getattr(k, "name", k))) for k in path]
+  names = jax.tree_util.keystr(tuple(path), simple=True, separator="/").split("/")
   if "ttt" in names:
     return "ttt"
   if "attn" in names and any(n in names for n in _ATTN_PROJ):

@@ -42,12 +42,17 @@ def make_inputs(B=2, layout=LAYOUT, seed=0):
   return latents, text, t
 
 
-def test_output_shape_and_zero_init():
+@pytest.mark.parametrize("variant,width,depth", [("tiny", 64, 2), ("small", 128, 4)])
+def test_output_shape_and_zero_init(variant, width, depth):
   latents, text, t = make_inputs()
-  fresh = VideoDiT.from_config("tiny", ttt=TTT, rngs=nnx.Rngs(0))
+  fresh = VideoDiT.from_config(variant, ttt=TTT, rngs=nnx.Rngs(0))
   v = apply(fresh, latents, text, t)
   assert v.shape == latents.shape
   np.testing.assert_array_equal(v, 0.0)  # zero-initialised output projection
+  # The layer scan stacks every block's weights on a leading [depth] axis; the attention
+  # output projection is [depth, width, width].
+  shapes = {tuple(x.shape) for x in jax.tree.leaves(nnx.state(fresh.blocks, nnx.Param))}
+  assert (depth, width, width) in shapes and all(s[0] == depth for s in shapes)
 
 
 def test_patchify_roundtrip():
