@@ -44,8 +44,9 @@ each other and into the backdrops at character edges (black + white reads
 as grey), so with the full palette the probe saw false colours in 60 % of
 ground-truth videos at 128 x 192. Both presets run at 64 x 96, where the
 probe is exact on ground truth: at 96 x 144 (characters ~1.5 DiT tokens
-instead of ~1) a step costs 2.25x more, and the shared base plus 8 variants x
-3 seeds did not fit ~2 h.
+instead of ~1) a step costs 2.25x more. The full preset takes about 3 h on
+the 2-core box (its seed 0 took 51 min after the 35 min base): a base that
+draws the colours costs that much more than the tiny one, which drew none.
 
 F1 rewards drawing many colours (every colour everywhere scores 0.63 against
 a random caption, another storyboard's colours 0.46), so each score also
