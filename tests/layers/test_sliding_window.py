@@ -304,3 +304,9 @@ def test_bad_arguments_are_named(cls, kwargs, match):
 def test_bad_input_width_is_named():
   with pytest.raises(ValueError, match="takes"):
     make_layer()(jnp.zeros((1, 4, WIDTH + 1)))
+
+
+def test_the_shared_base_needs_a_core():
+  """CausalSelfAttention is abstract: without `core` there is no layer to build."""
+  with pytest.raises(TypeError, match="abstract method core"):
+    sw.CausalSelfAttention(WIDTH, HEADS, rngs=nnx.Rngs(0))

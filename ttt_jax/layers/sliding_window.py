@@ -25,6 +25,7 @@ q, k, v), the pure per-head `core`, `merge` (back to [B, L, D]).
 
 from __future__ import annotations
 
+import abc
 import math
 from typing import Any
 
@@ -166,9 +167,10 @@ class CausalSelfAttention(nnx.Module):
       q, k = apply_rope(q, angles), apply_rope(k, angles)
     return q, k, v
 
+  @abc.abstractmethod
   def core(self, q: Array, k: Array, v: Array) -> Array:
-    """The per-head attention, [B, L, H, d] each -> [B, L, H, d]: abstract, each subclass's."""
-    raise NotImplementedError(f"{type(self).__name__} must define core(q, k, v)")
+    """The per-head attention, [B, L, H, d] each -> [B, L, H, d]: each subclass's own (nnx
+    modules are ABCs, so a class without it cannot be instantiated)."""
 
   def merge(self, o: Array) -> Array:
     """o [B, L, H, d] -> [B, L, D]: the output projection."""
