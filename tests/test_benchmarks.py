@@ -1,4 +1,4 @@
-"""Smoke test of benchmarks/ttt_layer.py: a tiny run emits well-formed JSON on stdout."""
+"""Smoke tests of the benchmark scripts: tiny runs emit well-formed JSON on stdout."""
 
 import json
 import math
@@ -59,6 +59,55 @@ def test_ttt_kernels_benchmark_json_and_guard():
     assert r["interpret"] == (r["impl"] != "xla")
     assert r["NC"] == 2 and r["fwd"]["flops"] > 0
     assert math.isfinite(r["fwd_bwd"]["tokens_per_s"]) and r["fwd_bwd"]["tokens_per_s"] > 0
+
+
+# A stand-in for the release's op module, with its interface (inputs [B, H, NC, K, d], eta
+# [B, H, NC, K, K] with the per-token rate in every row, output [B, NC, K, H, d]) and the inner
+# gradient by torch autograd, so the script's layout conversion and agreement check are tested
+# without the release's checkout (not available offline).
+_STAND_IN_OP = """
+import torch
+import torch.nn.functional as F
+
+
+def ttt_mlp(XK, XQ, XV, eta, ln_w, ln_b, W1, b1, W2, b2, checkpoint_group_size):
+  d = XK.shape[-1]
+  ln = lambda z: torch.stack([F.layer_norm(z[:, h], (d,), ln_w[h], ln_b[h], eps=1e-8)
+                              for h in range(z.shape[1])], 1)
+  g = lambda x, W1, b1, W2, b2: F.gelu(x @ W1 + b1, approximate="tanh") @ W2 + b2
+  W, out = (W1, b1, W2, b2), []
+  for n in range(XK.shape[2]):
+    xk, xq, xv, lr = XK[:, :, n], XQ[:, :, n], XV[:, :, n], eta[:, :, n, -1]
+    with torch.enable_grad():  # the inner gradient, also when called under no_grad
+      W = tuple(w if w.requires_grad else w.detach().requires_grad_() for w in W)
+      loss = (0.5 * lr * ((ln(g(xk, *W)) - (xv - xk)) ** 2).sum(-1)).sum()
+      W = tuple(w - dw for w, dw in zip(W, torch.autograd.grad(loss, W, create_graph=True)))
+    out.append(xq + ln(g(xq, *W)))
+  return torch.stack(out, 1).permute(0, 1, 3, 2, 4)
+"""
+
+
+def test_release_op_benchmark_json_and_guard(tmp_path):
+  """Side by side with a stand-in release op: the two agree and both are timed; a checkout
+  without the op is refused by name."""
+  run = lambda release_dir: subprocess.run(
+      [sys.executable, "benchmarks/release_op.py", f"--release_dir={release_dir}",
+       "--seq_len=64", "--K=16", "--d=8", "--H=2", "--B=2", "--remat_group=2", "--repeats=1"],
+      cwd=REPO, capture_output=True, text=True, timeout=300, check=False)
+  refused = run(tmp_path)
+  assert refused.returncode != 0 and "no ttt/models/ssm/ops/ttt_mlp.py there" in refused.stderr
+  op_file = tmp_path / "ttt/models/ssm/ops/ttt_mlp.py"
+  op_file.parent.mkdir(parents=True)
+  op_file.write_text(_STAND_IN_OP)
+  proc = run(tmp_path)
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  row = json.loads(proc.stdout)["results"][0]
+  assert row["max_abs_diff"] < 1e-5 and row["NC"] == 4  # fp32, 4 steps of 16 tokens
+  for mode in ("compiled", "eager"):
+    assert row["release"][mode]["fwd"] > 0 and row["release"][mode]["fwd_bwd"] > 0
+  assert row["ttt_jax"]["fwd_bwd"]["seconds"] > 0
+  assert row["speedup_vs_compiled"]["fwd_bwd"] == pytest.approx(
+      row["release"]["compiled"]["fwd_bwd"] / row["ttt_jax"]["fwd_bwd"]["seconds"])
 
 
 def test_convert_memory_benchmark_json():
