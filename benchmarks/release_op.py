@@ -32,7 +32,6 @@ from typing import Any, Callable, Sequence
 
 from absl import app, flags, logging
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from bench_utils import emit, fwd_and_bwd, make_inputs, step_flops  # this directory
