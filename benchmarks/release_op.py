@@ -11,8 +11,8 @@ builds it for non-causal mini-batches; its output layout is [B, NC, K, H, d])
 and must agree before anything is timed. Timed: forward, and forward+backward
 w.r.t. every input and initial fast weight (sum(out * cotangent)), median of
 --repeats runs after warm-ups; the release op compiled (`torch.compile`) and
-eager (`torch.compiler.set_stance("force_eager")`). Also checkpointed in groups
-of --remat_group mini-batches on both sides.
+eager (`torch.compiler.set_stance("force_eager")`). Both sides checkpoint the
+scan in groups of --remat_group mini-batches (0: neither does).
 
 The release's modules import wandb for logging at import time; the op never
 calls it, so a stand-in module is registered when wandb is not installed.
@@ -44,7 +44,8 @@ _B = flags.DEFINE_integer("B", 1, "Batch size.")
 _H = flags.DEFINE_integer("H", 4, "Number of heads.")
 _D = flags.DEFINE_integer("d", 64, "Head dimension (hidden width 4d).")
 _K = flags.DEFINE_integer("K", 64, "Mini-batch size.")
-_REMAT = flags.DEFINE_integer("remat_group", 16, "Mini-batches per checkpointed group.")
+_REMAT = flags.DEFINE_integer(
+    "remat_group", 16, "Mini-batches per checkpointed group, on both sides; 0: no checkpointing.")
 _REPEATS = flags.DEFINE_integer("repeats", 7, "Timed runs per measurement (median reported).")
 _OUT = flags.DEFINE_string("out", None, "Also write the JSON document to this file.")
 
@@ -118,8 +119,10 @@ def main(argv: Sequence[str]) -> None:
   import torch
   op = load_release_op(_RELEASE_DIR.value)
   NC, group = L // K, _REMAT.value
+  if group < 0:
+    raise app.UsageError(f"--remat_group={group} must be >= 0")
   args = make_inputs("ttt_mlp", B, H, NC, K, d)
-  fwd = lambda *a: ttt_mlp(*a, remat_group=group)
+  fwd = lambda *a: ttt_mlp(*a, remat_group=group or None)
 
   inputs = release_inputs(args, B)
   with torch.no_grad():
