@@ -27,6 +27,10 @@ After each evaluated length the run is scored on held-out storyboards:
   latent frames (fixed timesteps and noise), `loss_first_segment` and
   `loss_last_segment`: does quality decay along the video?
 
+No FVD-style frame distance: it needs a pretrained feature extractor (I3D on
+Kinetics for FVD, Inception for FID, CLIP), and none of their weights can be
+had offline; a randomly initialised extractor would measure nothing.
+
 The probe is validated on the same held-out videos, through the latent codec
 (variants `ground_truth` and `recoloured`: a character changes colour after
 the first scene; `change_detected` is the fraction the probe flags).
