@@ -4,6 +4,8 @@ import dataclasses
 import json
 import math
 
+import jax
+import numpy as np
 import pytest
 
 from ttt_jax import evaluate as ev
@@ -72,6 +74,51 @@ def test_consistency_lift_is_over_other_storyboards_captions():
   assert sum(swapped) / 6 < 0.15 < own["consistency_lift"]
 
 
+def test_swapped_colours_are_a_deterministic_derangement():
+  """Every character gets another evaluation colour than its own, all distinct, the same
+  for the same held-out index (so every run is scored on the same counterfactuals)."""
+  videos = ev.heldout_videos(dataclasses.replace(ev.PRESETS["ci"], heldout=16), 9)
+  for i, video in enumerate(videos):
+    truth = [c["colour"] for c in video.attributes["characters"]]
+    colours = ev.swapped_colours(video, i)
+    assert len(set(colours)) == len(truth) and set(colours) <= set(ev.EVAL_COLOURS)
+    assert all(a != b for a, b in zip(colours, truth))
+    assert ev.swapped_colours(video, i) == colours
+  assert len({tuple(ev.swapped_colours(v, i)) for i, v in enumerate(videos)}) > 4
+
+
+def _random_model(config):
+  """The config's DiT with every parameter drawn at random (zero-initialised gates and output
+  layers included, so the text reaches the prediction from the first step)."""
+  from flax import nnx
+  from ttt_jax.models import dit
+  model = dit.build(config.model, text_dim=config.data.text_dim, rngs=nnx.Rngs(0))
+  state = nnx.state(model, nnx.Param)
+  leaves, treedef = jax.tree.flatten(state)
+  keys = jax.random.split(jax.random.key(3), len(leaves))
+  nnx.update(model, jax.tree.unflatten(treedef, [
+      0.3 * jax.random.normal(k, x.shape, x.dtype) for k, x in zip(keys, leaves)]))
+  return model
+
+
+def test_swap_gains_reach_as_far_as_the_layer_does(tmp_path):
+  """Caption-swap gains of a random tiny DiT (2 blocks) at 9 s: with local attention alone the
+  first caption reaches the second segment through their boundary frame (one block to get into
+  it, one to get out), and never the third; full attention reaches every segment."""
+  preset = ev.PRESETS["ci"]
+  videos = ev.heldout_videos(dataclasses.replace(preset, heldout=2), 9)
+  gains = {}
+  for variant in ("local", "full_attention"):
+    config = ev.stage_config(preset, variant, 0, 9, "", tmp_path)
+    loss_fn = ev.segment_loss_fn(config, _random_model(config))
+    gains[variant] = ev.swap_gains(loss_fn, videos, preset.swap_timesteps)  # [3]
+    # Deterministic: the same loss twice; only the first caption differs between the two.
+    np.testing.assert_array_equal(loss_fn(videos, (900,)), loss_fn(videos, (900,)))
+  assert gains["local"][0] != 0.0 and gains["local"][1] != 0.0
+  assert gains["local"][2] == 0.0
+  assert np.all(gains["full_attention"] != 0.0)
+
+
 def test_collect_aggregates_seeds_and_reports_the_probe_check(tmp_path):
   """results.json rows from finished runs' eval.json: one row per (variant, seconds, metric)
   with the seeds' mean and t-interval; missing runs are left out, not zero-filled."""
@@ -129,9 +176,24 @@ def test_a_small_comparison_writes_results_and_resumes(tmp_path):
               "runs/ttt_mlp/seed0/9s/sample_strip.png"):
     assert (tmp_path / png).stat().st_size > 1000, png
 
+  for variant in preset.variants:  # values: test_swap_gains_reach_as_far_as_the_layer_does
+    for metric in ("swap_gain_first", "swap_gain_next", "swap_gain_later"):
+      assert math.isfinite(got[(variant, metric)]["mean"])
+
   # A rerun finds every run finished: nothing is trained or scored again.
   evals = sorted(tmp_path.glob("runs/*/seed*/9s/eval.json")) + \
       [tmp_path / "runs/base/3s/base.json"]
   stamps = [p.stat().st_mtime_ns for p in evals]
   assert ev.run(preset, tmp_path) == rows
   assert [p.stat().st_mtime_ns for p in evals] == stamps
+
+  # A run whose eval.json lacks a metric (e.g. added by a later version) gets just that metric
+  # computed again, the same as before; what it holds, sampled scores included, is kept.
+  path = tmp_path / "runs/ttt_mlp/seed0/9s/eval.json"
+  full = json.loads(path.read_text())
+  partial = {k: v for k, v in full.items() if not k.startswith("swap_gain")}
+  partial["consistency"] = -1.0  # a marker: kept, not sampled again
+  path.write_text(json.dumps(partial))
+  ev.run(preset, tmp_path)
+  refilled = json.loads(path.read_text())
+  assert refilled == {**full, "consistency": -1.0}

@@ -11,7 +11,7 @@ from ttt_jax.layout import VideoLayout
 from ttt_jax.data.toy_cartoons import (ACTION_KINDS, PALETTE, ToyCartoonConfig,
                                        ToyCartoonSource, frames_to_float, generate_video,
                                        render_background, segment_frame_ranges,
-                                       write_storyboard)
+                                       with_first_caption_colours, write_storyboard)
 
 _COLOUR_WORD = re.compile(r"\b(" + "|".join(PALETTE) + r")\b")
 
@@ -82,6 +82,24 @@ def test_colours_are_named_only_in_the_first_caption():
       assert not _COLOUR_WORD.search(caption), caption
       for c in characters:
         assert c["colour"] not in caption
+
+
+def test_first_caption_with_other_colours():
+  """The counterfactual storyboard: the true colours give back the caption exactly; others
+  change only the colour words, in the characters' order; bad colour lists are refused."""
+  for video in _videos(seconds=9, count=12):
+    truth = [c["colour"] for c in video.attributes["characters"]]
+    assert with_first_caption_colours(video, truth).captions == video.captions
+    other = [c for c in PALETTE if c not in truth][:len(truth)]
+    swapped = with_first_caption_colours(video, other)
+    assert swapped.captions[1:] == video.captions[1:] and swapped.frames is video.frames
+    assert _COLOUR_WORD.findall(swapped.captions[0]) == other
+    named = re.compile(r"\b[Aa]n? (" + "|".join(PALETTE) + r")\b")  # with its article
+    assert named.sub("X", swapped.captions[0]) == named.sub("X", video.captions[0])
+  with pytest.raises(ValueError, match="one colour of .* per character"):
+    with_first_caption_colours(video, truth[:-1])
+  with pytest.raises(ValueError, match="got \\['teal'"):
+    with_first_caption_colours(video, ["teal", *truth[1:]])
 
 
 def test_captions_follow_the_storyboard():

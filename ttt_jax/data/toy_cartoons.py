@@ -21,7 +21,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from typing import Any
+from typing import Any, Sequence
 
 import grain.python as grain
 import numpy as np
@@ -443,6 +443,23 @@ def generate_video(config: ToyCartoonConfig, index: int) -> ToyVideo:
       "segments": segments,
   }
   return ToyVideo(frames, tuple(captions), scenes, attributes)
+
+
+def with_first_caption_colours(video: ToyVideo, colours: Sequence[str]) -> ToyVideo:
+  """The same video whose first caption names `colours` (one per character, in the order of
+  attributes["characters"]) instead of the colours drawn: a counterfactual storyboard, to
+  measure how much a model's later segments depend on what the first caption said."""
+  cast = [c["species"] for c in video.attributes["characters"]]
+  colours = [str(c) for c in colours]
+  if len(colours) != len(cast) or any(c not in PALETTE for c in colours):
+    raise ValueError(f"colours must name one colour of {tuple(PALETTE)} per character "
+                     f"({len(cast)}: {cast}), got {colours}")
+  seg = video.attributes["segments"][0]
+  action = _Action(seg["action"], cast.index(seg["actor"]),
+                   None if seg["target"] is None else cast.index(seg["target"]),
+                   {"left": -1, None: 0, "right": 1}[seg["direction"]], seg["hops"] or 0)
+  first = _caption(action, cast, seg["background"], colours, opens_scene=True)
+  return dataclasses.replace(video, captions=(first, *video.captions[1:]))
 
 
 class ToyCartoonSource(grain.RandomAccessDataSource):
