@@ -59,9 +59,9 @@ each other and into the backdrops at character edges (black + white reads
 as grey), so with the full palette the probe saw false colours in 60 % of
 ground-truth videos at 128 x 192. Both presets run at 64 x 96, where the
 probe is exact on ground truth: at 96 x 144 (characters ~1.5 DiT tokens
-instead of ~1) a step costs 2.25x more. The full preset takes about 3 h on
-the 2-core box (its seed 0 took 51 min after the 35 min base): a base that
-draws the colours costs that much more than the tiny one, which drew none.
+instead of ~1) a step costs 2.25x more. The full preset took 1 h 49 min on
+the 2-core box (a 20 min base, then 8 variants x 3 lengths x 3 seeds) and
+peaks at ~12 GB of RAM: run it alone.
 
 F1 rewards drawing many colours (every colour everywhere scores 0.63 against
 a random caption, another storyboard's colours 0.46), so each score also
@@ -161,7 +161,7 @@ PRESETS = {
     # Every variant, one length, two seeds: the whole pipeline in CI time on 2 cores.
     "ci": Preset(seconds=(9,), seeds=(0, 1), base_steps=200, steps={3: 20, 9: 10}, batch=2,
                  num_videos=8, heldout=2, sample_steps=4, height=64, width=96),
-    # The comparison: 9 / 18 / 63 s, three seeds, on the small DiT; about 3 h on the 2-core
+    # The comparison: 9 / 18 / 63 s, three seeds, on the small DiT; 1 h 49 min on the 2-core
     # box. First-segment lift on 48 held-out storyboards: tiny after 3000 steps 0.03 ± 0.04,
     # small after 6000 0.13 ± 0.03 (benchmarks/RESULTS.md). Seeds after the first load their
     # compiled programs from the persistent cache.
