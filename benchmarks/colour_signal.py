@@ -8,7 +8,7 @@ base (local attention alone, 3 s) has finished. On --heldout held-out 3 s
 storyboards, each row gives, at one diffusion timestep t, the base's held-out
 loss with the true captions and its swap gain: the loss with the first
 caption's colours swapped for wrong ones minus the loss with the true ones,
-same frames and noise (`ttt_jax.evaluate.swap_gains`). In a one-scene clip the
+same frames and noise (as `ttt_jax.evaluate.swap_gains`). In a one-scene clip the
 caption is in context, so the gain is what knowing the colours is worth to
 the loss: the most that a perfect memory of scene 1 could earn a later
 segment, whose caption names no colour. `uniform` is the same over
@@ -24,7 +24,6 @@ import pathlib
 from typing import Sequence
 
 from absl import app, flags, logging
-import numpy as np
 import tqdm
 
 from bench_utils import emit  # this directory
@@ -53,19 +52,19 @@ def main(argv: Sequence[str]) -> None:
   config = evaluate.stage_config(preset, "local", 0, 3, "", root / "data")
   loss_fn = evaluate.segment_loss_fn(config, evaluate.load_model(config, base))
   videos = evaluate.heldout_videos(preset, 3)
+  swapped = evaluate.swapped_videos(videos)
   num_steps = config.diffusion.num_steps
-  uniform = (np.arange(_UNIFORM.value) + 0.5) * num_steps / _UNIFORM.value
-  points = [(int(t), (int(t),)) for t in _TIMESTEPS.value]
-  points.append(("uniform", tuple(int(t) for t in uniform)))
+  uniform = tuple(int((i + 0.5) * num_steps / _UNIFORM.value) for i in range(_UNIFORM.value))
+  points = [(int(t), (int(t),)) for t in _TIMESTEPS.value] + [("uniform", uniform)]
 
   rows = []
   for name, timesteps in tqdm.tqdm(points, desc="timesteps"):
     loss = float(loss_fn(videos, timesteps)[0])  # a 3 s clip is one segment
-    gain = float(evaluate.swap_gains(loss_fn, videos, timesteps)[0])
+    gain = float(loss_fn(swapped, timesteps)[0]) - loss  # swap_gains, the true loss reused
     rows.append({"t": name, "loss": loss, "swap_gain": gain, "share": gain / loss})
     logging.info("%s", rows[-1])
   emit({"workdir": str(root.resolve()), "preset": _PRESET.value, "heldout": _HELDOUT.value,
-        "uniform_timesteps": [int(t) for t in uniform]}, rows, _OUT.value)
+        "uniform_timesteps": list(uniform)}, rows, _OUT.value)
 
 
 if __name__ == "__main__":

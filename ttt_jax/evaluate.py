@@ -327,9 +327,13 @@ def swap_gains(loss_fn: Callable[..., np.ndarray], videos: list[toy_cartoons.Toy
   carries the first caption along the video. Local attention alone reaches the second
   segment through the boundary frame the two share, and each further segment only through
   one more such hop (at 9 s, seed 0: 4.6e-4 in the second segment, 4.7e-6 in the third)."""
-  swapped = [toy_cartoons.with_first_caption_colours(v, swapped_colours(v, i))
-             for i, v in enumerate(videos)]
-  return loss_fn(swapped, timesteps) - loss_fn(videos, timesteps)
+  return loss_fn(swapped_videos(videos), timesteps) - loss_fn(videos, timesteps)
+
+
+def swapped_videos(videos: list[toy_cartoons.ToyVideo]) -> list[toy_cartoons.ToyVideo]:
+  """The held-out `videos` with their first captions naming `swapped_colours`."""
+  return [toy_cartoons.with_first_caption_colours(v, swapped_colours(v, i))
+          for i, v in enumerate(videos)]
 
 
 def cost(config: ml_collections.ConfigDict) -> dict[str, float]:
