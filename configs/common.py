@@ -53,6 +53,11 @@ def get_config(seconds: int, arg: str | None) -> ml_collections.ConfigDict:
       dir="" if tiny else "data/tom_jerry",
       num_videos=8 if tiny else 10_000,  # toy cartoons only
       colours="",  # toy cartoons: comma-separated character colours ('' = the whole palette)
+      # Toy cartoons: comma-separated house paints (toy_cartoons.PAINTS; '' = unpainted):
+      # every video's walls and floor take two, named in its first caption only, or in
+      # every caption with restate_paint (the oracle storyboard).
+      paints="",
+      restate_paint=False,
       height=64 if tiny else 480,
       width=96 if tiny else 720,
       seed=0,

@@ -8,10 +8,11 @@ import numpy as np
 import pytest
 
 from ttt_jax.layout import VideoLayout
-from ttt_jax.data.toy_cartoons import (ACTION_KINDS, PALETTE, ToyCartoonConfig,
-                                       ToyCartoonSource, frames_to_float, generate_video,
-                                       render_background, segment_frame_ranges,
-                                       with_first_caption_colours, write_storyboard)
+from ttt_jax.data.toy_cartoons import (ACTION_KINDS, FLOOR, PAINT_SHADE, PAINTS, PALETTE,
+                                       ToyCartoonConfig, ToyCartoonSource, frames_to_float,
+                                       generate_video, render_background,
+                                       segment_frame_ranges, with_named_colours,
+                                       write_storyboard)
 
 _COLOUR_WORD = re.compile(r"\b(" + "|".join(PALETTE) + r")\b")
 
@@ -89,17 +90,77 @@ def test_first_caption_with_other_colours():
   change only the colour words, in the characters' order; bad colour lists are refused."""
   for video in _videos(seconds=9, count=12):
     truth = [c["colour"] for c in video.attributes["characters"]]
-    assert with_first_caption_colours(video, truth).captions == video.captions
+    assert with_named_colours(video, truth).captions == video.captions
     other = [c for c in PALETTE if c not in truth][:len(truth)]
-    swapped = with_first_caption_colours(video, other)
+    swapped = with_named_colours(video, other)
     assert swapped.captions[1:] == video.captions[1:] and swapped.frames is video.frames
     assert _COLOUR_WORD.findall(swapped.captions[0]) == other
     named = re.compile(r"\b[Aa]n? (" + "|".join(PALETTE) + r")\b")  # with its article
     assert named.sub("X", swapped.captions[0]) == named.sub("X", video.captions[0])
   with pytest.raises(ValueError, match="one colour of .* per character"):
-    with_first_caption_colours(video, truth[:-1])
+    with_named_colours(video, truth[:-1])
   with pytest.raises(ValueError, match="got \\['teal'"):
-    with_first_caption_colours(video, ["teal", *truth[1:]])
+    with_named_colours(video, ["teal", *truth[1:]])
+  with pytest.raises(ValueError, match="house is not painted"):
+    with_named_colours(video, paint=("teal", "pink"))
+
+
+def _painted(seconds=9, count=8, restate=False, size=(64, 96)):
+  cfg = ToyCartoonConfig(seconds=seconds, height=size[0], width=size[1], seed=4,
+                         num_videos=count, paints=tuple(PAINTS), restate_paint=restate)
+  return [generate_video(cfg, i) for i in range(count)]
+
+
+def test_a_painted_house_keeps_the_story_and_names_its_paint_once():
+  """Paint draws from its own stream: the same characters, actions and positions as the
+  unpainted video; only the walls and floor change colour, to the two paints the first
+  caption (and no other) names, in every scene."""
+  plain = [generate_video(ToyCartoonConfig(seconds=9, height=64, width=96, seed=4), i)
+           for i in range(8)]
+  for video, unpainted in zip(_painted(), plain):
+    paint = video.attributes["paint"]
+    assert paint["wall"] != paint["floor"] and {paint["wall"], paint["floor"]} <= set(PAINTS)
+    assert video.attributes["characters"] == unpainted.attributes["characters"]
+    assert video.attributes["segments"] == unpainted.attributes["segments"]
+    sentence = f"The walls are {paint['wall']} and the floor is {paint['floor']}. "
+    assert video.captions[0] == sentence + unpainted.captions[0]
+    assert video.captions[1:] == unpainted.captions[1:]
+    # Every frame: the top row is wall (the paint, or a feature: window, sun, moon, stars),
+    # the bottom row is floor (the paint or its shade, a road line); most pixels of each band
+    # are the paint itself.
+    H = video.frames.shape[1]
+    bands = {"wall": slice(0, int(FLOOR * H)), "floor": slice(int(FLOOR * H) + 1, H)}
+    for name, rows in bands.items():
+      rgb = np.array(PAINTS[paint[name]])
+      shade = np.round(rgb * PAINT_SHADE)
+      band = video.frames[:, rows]
+      share = ((band == rgb) | (band == shade)).all(-1).mean()
+      assert share > 0.45, (name, share)
+
+
+def test_the_oracle_storyboard_restates_the_paint_and_swaps_change_every_caption():
+  for video, oracle in zip(_painted(count=4), _painted(count=4, restate=True)):
+    np.testing.assert_array_equal(video.frames, oracle.frames)
+    paint = video.attributes["paint"]
+    sentence = f"The walls are {paint['wall']} and the floor is {paint['floor']}. "
+    assert oracle.captions[0] == video.captions[0]
+    for plain, restated in zip(video.captions[1:], oracle.captions[1:]):
+      assert restated == sentence + plain
+    other = [p for p in PAINTS if p not in paint.values()][:2]
+    for v in (video, oracle):
+      swapped = with_named_colours(v, paint=other)
+      assert swapped.frames is v.frames and swapped.attributes is v.attributes
+      assert swapped.captions == tuple(c.replace(f"are {paint['wall']} ", f"are {other[0]} ")
+                                       .replace(f"is {paint['floor']}.", f"is {other[1]}.")
+                                       for c in v.captions)
+    assert with_named_colours(video, paint=(paint["wall"], paint["floor"])).captions == \
+        video.captions
+  with pytest.raises(ValueError, match="paint must name \\(wall, floor\\)"):
+    with_named_colours(video, paint=("teal",))
+  with pytest.raises(ValueError, match="ToyCartoonConfig.paints must be empty or name"):
+    ToyCartoonConfig(paints=("teal", "orange"))
+  with pytest.raises(ValueError, match="restate_paint needs paints"):
+    ToyCartoonConfig(restate_paint=True)
 
 
 def test_captions_follow_the_storyboard():

@@ -79,8 +79,8 @@ def toy_config_name(data_cfg: Mapping[str, Any], seconds: int) -> str:
   keys = ("seed", "num_videos", "height", "width", "text_len", "text_dim", "codec",
           "text_encoder")
   shape = {k: data_cfg[k] for k in keys}
-  if data_cfg.get("colours"):  # only when set: default sets keep their names
-    shape["colours"] = data_cfg["colours"]
+  # Only when set: default sets keep their names.
+  shape.update({k: data_cfg[k] for k in ("colours", "paints", "restate_paint") if data_cfg[k]})
   digest = hashlib.sha256(json.dumps(shape, sort_keys=True).encode()).hexdigest()[:12]
   return f"toy_{seconds}s_{digest}"
 
@@ -91,7 +91,9 @@ def toy_examples(data_cfg: Mapping[str, Any], seconds: int, codec: LatentCodec,
   source = toy_cartoons.ToyCartoonSource(toy_cartoons.ToyCartoonConfig(
       seconds=seconds, height=data_cfg["height"], width=data_cfg["width"],
       seed=data_cfg["seed"], num_videos=data_cfg["num_videos"],
-      **({"colours": tuple(data_cfg["colours"].split(","))} if data_cfg.get("colours") else {})))
+      **({"colours": tuple(data_cfg["colours"].split(","))} if data_cfg["colours"] else {}),
+      paints=tuple(data_cfg["paints"].split(",")) if data_cfg["paints"] else (),
+      restate_paint=data_cfg["restate_paint"]))
   for i in tqdm.tqdm(range(len(source)), desc=f"encoding {seconds} s toy videos", leave=False):
     item = source[i]
     video = toy_cartoons.frames_to_float(item["frames"])[None]  # [1, T, H, W, 3]

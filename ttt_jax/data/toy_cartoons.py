@@ -11,6 +11,12 @@ may teleport at a scene cut.
 Characters are flat shapes (cat = disc, mouse = triangle, dog = square) whose
 colours are drawn per video and named ONLY in the first caption, so a model
 must carry them across the whole video: the long-range consistency probe.
+With `paints`, the house is painted too: every scene's walls and floor take
+two colours drawn per video ("The walls are teal and the floor is pink."),
+also named only in the first caption (or in every caption, with
+`restate_paint`: the oracle storyboard). Walls and floor cover the frame at
+known places, so remembering them is worth far more of the diffusion loss
+than the characters' colours (ttt_jax/evaluation/video.py).
 All geometry is planned in units of the frame height (x in [0, W / H]) and
 then rasterised, so one (seed, index) gives the same video at any resolution
 of the same aspect ratio.
@@ -61,8 +67,21 @@ PALETTE: dict[str, tuple[int, int, int]] = {
 
 BACKGROUNDS = ("kitchen", "garden", "living room", "night street")
 
+# House paints: wall and floor colours of a painted video (`ToyCartoonConfig.paints`). Each is
+# >= 68 RGB apart from every other paint and >= 90 from the evaluation's character colours
+# (orange, blue, red, purple, yellow), so the probes tell walls, floors and characters apart.
+PAINTS: dict[str, tuple[int, int, int]] = {
+    "green": (60, 160, 70),
+    "teal": (30, 140, 140),
+    "pink": (240, 150, 200),
+    "cream": (235, 225, 170),
+    "navy": (30, 35, 90),
+    "maroon": (110, 30, 50),
+}
+PAINT_SHADE = 0.75  # floor patterns and wall stripes of a painted room: the paint, darker
+
 # Layout of every scene, in frame heights from the top.
-_FLOOR = 0.7  # wall above, floor band below
+FLOOR = 0.7  # wall above, floor band below (in frame heights from the top)
 _GROUND = 0.82  # where the characters' feet rest
 # Horizontal planning, in frame heights.
 _EDGE = 0.05  # closest a character's side gets to the frame edge
@@ -96,6 +115,11 @@ class ToyCartoonConfig:
   # The colours characters are drawn from (all of PALETTE by default). The evaluation uses
   # a subset that stays apart after the latent codec (ttt_jax/data/toy_probe.py).
   colours: tuple[str, ...] = tuple(PALETTE)
+  # House paints the walls and floor are drawn from (two distinct ones per video, named in
+  # the first caption); () keeps every backdrop's own colours.
+  paints: tuple[str, ...] = ()
+  # Every caption names the paint, not only the first (the oracle storyboard).
+  restate_paint: bool = False
 
   def __post_init__(self):
     if self.seconds < SECONDS_PER_SEGMENT or self.seconds % SECONDS_PER_SEGMENT:
@@ -117,6 +141,12 @@ class ToyCartoonConfig:
     if unknown or len(set(self.colours)) < len(SPECIES):
       raise ValueError(f"ToyCartoonConfig.colours must name at least {len(SPECIES)} distinct "
                        f"colours of {tuple(PALETTE)}, got {self.colours}")
+    if self.paints and (any(p not in PAINTS for p in self.paints)
+                        or len(set(self.paints)) < 2):
+      raise ValueError(f"ToyCartoonConfig.paints must be empty or name at least 2 distinct "
+                       f"paints of {tuple(PAINTS)}, got {self.paints}")
+    if self.restate_paint and not self.paints:
+      raise ValueError("ToyCartoonConfig.restate_paint needs paints")
 
   @property
   def num_segments(self) -> int:
@@ -289,45 +319,59 @@ def _grid(height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
   return ((np.arange(height) + 0.5) / height)[:, None], ((np.arange(width) + 0.5) / height)[None]
 
 
-def render_background(name: str, height: int, width: int) -> np.ndarray:
-  """uint8 [H, W, 3] flat-colour backdrop: a wall with one feature over a floor band."""
+def render_background(name: str, height: int, width: int,
+                      paint: tuple[str, str] | None = None) -> np.ndarray:
+  """uint8 [H, W, 3] flat-colour backdrop: a wall with one feature over a floor band.
+
+  paint: (wall, floor) names of PAINTS: the wall and floor take them (their stripes and
+  tiles a darker shade, PAINT_SHADE), the features (window, sun, fence, picture, moon,
+  road line) keep their own colours. None: the backdrop's own colours."""
   y, x = _grid(height, width)
   aspect = width / height
   img = np.zeros((height, width, 3), np.uint8)
-  wall, floor = y < _FLOOR, y >= _FLOOR  # [H, 1]
+  wall, floor = y < FLOOR, y >= FLOOR  # [H, 1]
 
-  def paint(mask: np.ndarray, rgb: tuple[int, int, int]):
+  def paint_mask(mask: np.ndarray, rgb: tuple[int, int, int]):
     img[np.broadcast_to(mask, (height, width))] = rgb
 
+  def surface(part: int, own: tuple[int, int, int], shaded: bool = False
+              ) -> tuple[int, int, int]:
+    """The colour of the wall (part 0) or the floor (part 1): its own, or the paint's."""
+    if paint is None:
+      return own
+    rgb = np.asarray(PAINTS[paint[part]], np.float64)
+    return tuple(int(v) for v in np.round(rgb * (PAINT_SHADE if shaded else 1.0)))
+
   if name == "kitchen":
-    paint(wall, (240, 228, 170))
+    paint_mask(wall, surface(0, (240, 228, 170)))
     window = (np.abs(y - 0.3) < 0.16) & (np.abs(x - aspect / 2) < 0.22)
-    paint(window, (255, 255, 255))
-    paint(window & (np.abs(y - 0.3) < 0.13) & (np.abs(x - aspect / 2) < 0.19), (170, 215, 245))
-    tiles = (np.floor(x / 0.125) + np.floor((y - _FLOOR) / 0.125)) % 2 == 0
-    paint(floor, (225, 200, 150))
-    paint(floor & tiles, (190, 120, 80))
+    paint_mask(window, (255, 255, 255))
+    paint_mask(window & (np.abs(y - 0.3) < 0.13) & (np.abs(x - aspect / 2) < 0.19),
+               (170, 215, 245))
+    tiles = (np.floor(x / 0.125) + np.floor((y - FLOOR) / 0.125)) % 2 == 0
+    paint_mask(floor, surface(1, (225, 200, 150)))
+    paint_mask(floor & tiles, surface(1, (190, 120, 80), shaded=True))
   elif name == "garden":
-    paint(wall, (150, 205, 240))
-    paint((y - 0.18) ** 2 + (x - (aspect - 0.25)) ** 2 < 0.1**2, (250, 235, 110))
-    fence = (y > 0.45) & (y < _FLOOR) & (np.mod(x, 0.2) < 0.07)
-    paint(fence | ((np.abs(y - 0.52) < 0.025) & (y < _FLOOR)), (235, 235, 225))
-    paint(floor, (80, 165, 70))
-    paint(floor & (np.mod(x + 2 * y, 0.3) < 0.05), (65, 140, 55))
+    paint_mask(wall, surface(0, (150, 205, 240)))
+    paint_mask((y - 0.18) ** 2 + (x - (aspect - 0.25)) ** 2 < 0.1**2, (250, 235, 110))
+    fence = (y > 0.45) & (y < FLOOR) & (np.mod(x, 0.2) < 0.07)
+    paint_mask(fence | ((np.abs(y - 0.52) < 0.025) & (y < FLOOR)), (235, 235, 225))
+    paint_mask(floor, surface(1, (80, 165, 70)))
+    paint_mask(floor & (np.mod(x + 2 * y, 0.3) < 0.05), surface(1, (65, 140, 55), shaded=True))
   elif name == "living room":
-    paint(wall, (215, 190, 160))
-    paint(wall & (np.mod(x, 0.2) < 0.1), (200, 170, 140))
+    paint_mask(wall, surface(0, (215, 190, 160)))
+    paint_mask(wall & (np.mod(x, 0.2) < 0.1), surface(0, (200, 170, 140), shaded=True))
     frame = (np.abs(y - 0.3) < 0.13) & (np.abs(x - 0.3) < 0.17)
-    paint(frame, (110, 70, 40))
-    paint(frame & (np.abs(y - 0.3) < 0.1) & (np.abs(x - 0.3) < 0.14), (120, 180, 150))
-    paint(floor, (50, 110, 110))
-    paint(np.abs(y - _FLOOR - 0.02) < 0.02, (100, 70, 40))
+    paint_mask(frame, (110, 70, 40))
+    paint_mask(frame & (np.abs(y - 0.3) < 0.1) & (np.abs(x - 0.3) < 0.14), (120, 180, 150))
+    paint_mask(floor, surface(1, (50, 110, 110)))
+    paint_mask(np.abs(y - FLOOR - 0.02) < 0.02, (100, 70, 40))
   elif name == "night street":
-    paint(wall, (25, 30, 70))
-    paint((y - 0.2) ** 2 + (x - 0.3) ** 2 < 0.09**2, (240, 240, 200))
-    paint(wall & (np.mod(7 * x + 13 * y, 0.9) < 0.03) & (y < 0.5), (200, 200, 230))
-    paint(floor, (70, 70, 78))
-    paint((np.abs(y - 0.9) < 0.015) & (np.mod(x, 0.3) < 0.15), (240, 210, 60))
+    paint_mask(wall, surface(0, (25, 30, 70)))
+    paint_mask((y - 0.2) ** 2 + (x - 0.3) ** 2 < 0.09**2, (240, 240, 200))
+    paint_mask(wall & (np.mod(7 * x + 13 * y, 0.9) < 0.03) & (y < 0.5), (200, 200, 230))
+    paint_mask(floor, surface(1, (70, 70, 78)))
+    paint_mask((np.abs(y - 0.9) < 0.015) & (np.mod(x, 0.3) < 0.15), (240, 210, 60))
   else:
     raise ValueError(f"unknown background {name!r}; expected one of {BACKGROUNDS}")
   return img
@@ -352,8 +396,9 @@ def _shape_masks(shape: str, cy: np.ndarray, cx: np.ndarray, r: float, y: np.nda
 
 
 def _caption(action: _Action, cast: list[str], background: str, colours: list[str] | None,
-             opens_scene: bool) -> str:
-  """Storyboard line; colours (first segment only) introduce the whole cast."""
+             opens_scene: bool, paint: tuple[str, str] | None = None) -> str:
+  """Storyboard line; colours (first segment only) introduce the whole cast; paint (first
+  segment, or every one when restated) names the walls' and floor's colours first."""
   b = cast[action.target] if action.target is not None else ""
   sentence = _ACTION_TEXT[action.kind].format(
       a=cast[action.actor], b=b, d="left" if action.direction < 0 else "right",
@@ -361,12 +406,30 @@ def _caption(action: _Action, cast: list[str], background: str, colours: list[st
   if colours is not None:
     named = [f"{'an' if c[0] in 'aeiou' else 'a'} {c} {s}" for c, s in zip(colours, cast)]
     cast_text = ", ".join(named[:-1]) + " and " + named[-1]
-    text = f"{cast_text} are in the {background}. {sentence[0].upper()}{sentence[1:]}"
+    sentences = [f"{cast_text} are in the {background}.", sentence]
   elif opens_scene:
-    text = f"in the {background}, {sentence}"
+    sentences = [f"in the {background}, {sentence}"]
   else:
-    text = sentence
-  return text[0].upper() + text[1:]
+    sentences = [sentence]
+  if paint is not None:
+    sentences.insert(0, f"the walls are {paint[0]} and the floor is {paint[1]}.")
+  return " ".join(t[0].upper() + t[1:] for t in sentences)
+
+
+def _storyboard(attributes: dict[str, Any], scenes: Sequence[int]) -> tuple[str, ...]:
+  """Every segment's caption from a video's ground truth (`ToyVideo.attributes`)."""
+  cast = [c["species"] for c in attributes["characters"]]
+  colours = [c["colour"] for c in attributes["characters"]]
+  paint = attributes["paint"] and (attributes["paint"]["wall"], attributes["paint"]["floor"])
+  captions = []
+  for i, seg in enumerate(attributes["segments"]):
+    action = _Action(seg["action"], cast.index(seg["actor"]),
+                     None if seg["target"] is None else cast.index(seg["target"]),
+                     {"left": -1, None: 0, "right": 1}[seg["direction"]], seg["hops"] or 0)
+    captions.append(_caption(action, cast, seg["background"], colours if i == 0 else None,
+                             i == 0 or scenes[i] != scenes[i - 1],
+                             paint if i == 0 or attributes["restate_paint"] else None))
+  return tuple(captions)
 
 
 # ----------------------------------------------------------------------------
@@ -388,6 +451,10 @@ def generate_video(config: ToyCartoonConfig, index: int) -> ToyVideo:
   colours = [str(c) for c in rng.choice(list(config.colours), size=len(cast), replace=False)]
   radii = np.array([SPECIES[s].radius for s in cast])  # [K]
 
+  # Its own stream: a painted video keeps the characters and actions of the unpainted one.
+  paint = ([str(p) for p in np.random.default_rng([config.seed, index, 1]).choice(
+      list(config.paints), size=2, replace=False)] if config.paints else None)
+
   lengths = _scene_lengths(rng, config.num_segments)
   scenes = tuple(s for s, n in enumerate(lengths) for _ in range(n))
   backgrounds = [str(rng.choice(BACKGROUNDS))]
@@ -395,7 +462,7 @@ def generate_video(config: ToyCartoonConfig, index: int) -> ToyVideo:
     backgrounds.append(str(rng.choice([b for b in BACKGROUNDS if b != backgrounds[-1]])))
 
   ranges = segment_frame_ranges(config.num_segments)
-  xs, lifts, captions, segments = [], [], [], []
+  xs, lifts, segments = [], [], []
   for i, (f0, f1) in enumerate(ranges):
     opens_scene = i == 0 or scenes[i] != scenes[i - 1]
     if opens_scene:
@@ -407,10 +474,8 @@ def generate_video(config: ToyCartoonConfig, index: int) -> ToyVideo:
     xs.append(seg_x)
     lifts.append(seg_lift)
     x = end
-    background = backgrounds[scenes[i]]
-    captions.append(_caption(action, cast, background, colours if i == 0 else None, opens_scene))
     segments.append({
-        "scene": scenes[i], "background": background, "action": action.kind,
+        "scene": scenes[i], "background": backgrounds[scenes[i]], "action": action.kind,
         "actor": cast[action.actor],
         "target": None if action.target is None else cast[action.target],
         "direction": {-1: "left", 0: None, 1: "right"}[action.direction],
@@ -424,7 +489,8 @@ def generate_video(config: ToyCartoonConfig, index: int) -> ToyVideo:
   draw_order = np.argsort(-radii, kind="stable")  # big first, so small ones stay visible
   rgb = np.array([PALETTE[c] for c in colours], np.uint8)  # [K, 3]
   frames = np.empty((config.num_frames, h, w, 3), np.uint8)  # [T, H, W, 3]
-  backdrops = {name: render_background(name, h, w) for name in set(backgrounds)}
+  backdrops = {name: render_background(name, h, w, paint and tuple(paint))
+               for name in set(backgrounds)}
   for i, (f0, f1) in enumerate(ranges):
     chunk = frames[f0:f1]  # [N, H, W, 3] view
     chunk[:] = backdrops[backgrounds[scenes[i]]]
@@ -441,25 +507,36 @@ def generate_video(config: ToyCartoonConfig, index: int) -> ToyVideo:
           "positions": (np.stack([cy[k], cx[k]], axis=-1) * h).tolist(),  # [T][y, x] px
       } for k, (s, c) in enumerate(zip(cast, colours))],
       "segments": segments,
+      "paint": paint and {"wall": paint[0], "floor": paint[1]},
+      "restate_paint": config.restate_paint,
   }
-  return ToyVideo(frames, tuple(captions), scenes, attributes)
+  return ToyVideo(frames, _storyboard(attributes, scenes), scenes, attributes)
 
 
-def with_first_caption_colours(video: ToyVideo, colours: Sequence[str]) -> ToyVideo:
-  """The same video whose first caption names `colours` (one per character, in the order of
-  attributes["characters"]) instead of the colours drawn: a counterfactual storyboard, to
-  measure how much a model's later segments depend on what the first caption said."""
-  cast = [c["species"] for c in video.attributes["characters"]]
-  colours = [str(c) for c in colours]
-  if len(colours) != len(cast) or any(c not in PALETTE for c in colours):
-    raise ValueError(f"colours must name one colour of {tuple(PALETTE)} per character "
-                     f"({len(cast)}: {cast}), got {colours}")
-  seg = video.attributes["segments"][0]
-  action = _Action(seg["action"], cast.index(seg["actor"]),
-                   None if seg["target"] is None else cast.index(seg["target"]),
-                   {"left": -1, None: 0, "right": 1}[seg["direction"]], seg["hops"] or 0)
-  first = _caption(action, cast, seg["background"], colours, opens_scene=True)
-  return dataclasses.replace(video, captions=(first, *video.captions[1:]))
+def with_named_colours(video: ToyVideo, colours: Sequence[str] | None = None,
+                       paint: Sequence[str] | None = None) -> ToyVideo:
+  """The same frames under a storyboard naming other colours: `colours` for the characters
+  (one per character, in the order of attributes["characters"]) and `paint` (wall, floor)
+  for the house, wherever the storyboard names them; None keeps what was drawn. A
+  counterfactual storyboard, to measure how much a model's segments depend on what the
+  captions said."""
+  attributes = dict(video.attributes)
+  cast = [c["species"] for c in attributes["characters"]]
+  if colours is not None:
+    colours = [str(c) for c in colours]
+    if len(colours) != len(cast) or any(c not in PALETTE for c in colours):
+      raise ValueError(f"colours must name one colour of {tuple(PALETTE)} per character "
+                       f"({len(cast)}: {cast}), got {colours}")
+    attributes["characters"] = [dict(c, colour=n)
+                                for c, n in zip(attributes["characters"], colours)]
+  if paint is not None:
+    paint = [str(p) for p in paint]
+    if attributes["paint"] is None:
+      raise ValueError("paint given for a video whose house is not painted")
+    if len(paint) != 2 or any(p not in PAINTS for p in paint):
+      raise ValueError(f"paint must name (wall, floor) of {tuple(PAINTS)}, got {paint}")
+    attributes["paint"] = {"wall": paint[0], "floor": paint[1]}
+  return dataclasses.replace(video, captions=_storyboard(attributes, video.scenes))
 
 
 class ToyCartoonSource(grain.RandomAccessDataSource):

@@ -17,6 +17,15 @@ between the colours present and the colours of the first caption; its
 segment instead, i.e. whether the video keeps what it drew, whether or not
 that matched the caption. `recolour` makes the negative control: a video
 whose character changes colour after the first scene.
+
+A painted house (`ToyCartoonConfig.paints`) is read by `paints_per_segment`:
+every pixel of the wall band (above `FLOOR`) and of the floor band is
+labelled with the nearest colour of the universe (paints, their shades,
+characters, backdrop features), a paint and its shade counting as the paint;
+the paint with the most pixels of a band, if it holds at least `min_share`
+of them, is that band's paint. Characters and features cover a minority of
+each band, so this reads the paint exactly on ground truth, also through the
+codec. `repaint` makes its negative control.
 """
 
 from __future__ import annotations
@@ -26,8 +35,9 @@ import functools
 
 import numpy as np
 
-from ttt_jax.data.toy_cartoons import (BACKGROUNDS, PALETTE, SPECIES, ToyVideo,
-                                       render_background, segment_frame_ranges)
+from ttt_jax.data.toy_cartoons import (BACKGROUNDS, FLOOR, PAINT_SHADE, PAINTS, PALETTE,
+                                       SPECIES, ToyVideo, render_background,
+                                       segment_frame_ranges)
 
 COLOURS = tuple(PALETTE)  # the probe's output order
 
@@ -132,4 +142,91 @@ def recolour(video: ToyVideo, character: int, colour: str) -> np.ndarray:
   frames = video.frames.copy()
   tail = frames[start:]  # [T', H, W, 3] view
   tail[(tail == old).all(-1)] = PALETTE[colour]  # flat colours: exact matches are the character
+  return frames
+
+
+# ----------------------------------------------------------------------------- paint
+
+
+@dataclasses.dataclass(frozen=True)
+class PaintProbeConfig:
+  """min_share: fraction of a band's pixels its paint must hold (else the band reads None).
+  frame_stride: every n-th frame of a segment is read."""
+  min_share: float = 0.3
+  frame_stride: int = 4
+
+
+@functools.lru_cache(maxsize=None)
+def _paint_universe() -> tuple[np.ndarray, np.ndarray]:
+  """([N, 3] colours, [N] index into PAINTS or -1): the paints, their shades, and every
+  other colour a painted video can show (characters, backdrop features)."""
+  paints = np.array(list(PAINTS.values()), np.float64)
+  shades = np.round(paints * PAINT_SHADE)
+  # A painted room's features, whatever the paint (its unpainted walls never show: the
+  # night street's is close to navy).
+  names = tuple(PAINTS)[:2]
+  painted = np.unique(np.concatenate([render_background(b, 96, 144, names).reshape(-1, 3)
+                                      for b in BACKGROUNDS]), axis=0).astype(np.float64)
+  features = painted[~(painted[:, None] == np.concatenate([paints, shades])[None]).all(-1).any(1)]
+  others = np.concatenate([np.array(list(PALETTE.values()), np.float64), features])
+  colours = np.concatenate([paints, shades, others]).astype(np.float32)
+  owner = np.concatenate([np.arange(len(PAINTS)), np.arange(len(PAINTS)),
+                          np.full(len(others), -1)])
+  return colours, owner
+
+
+def paints_per_segment(frames: np.ndarray, num_segments: int,
+                       config: PaintProbeConfig = PaintProbeConfig()
+                       ) -> list[tuple[str | None, str | None]]:
+  """(wall, floor) paint of each segment of a painted toy cartoon (None: no paint holds
+  `min_share` of that band). frames: uint8 [T, H, W, 3], T = 48 * num_segments + 1."""
+  T, H = frames.shape[0], frames.shape[1]
+  ranges = segment_frame_ranges(num_segments)
+  if T != ranges[-1][1]:
+    raise ValueError(f"frames has {T} frames; {num_segments} segments need {ranges[-1][1]}")
+  colours, owner = _paint_universe()
+  names = tuple(PAINTS)
+  boundary = int(round(FLOOR * H))
+  out = []
+  for f0, f1 in ranges:
+    x = frames[f0:f1:config.frame_stride].astype(np.float32)[..., None, :]  # [n, H, W, 1, 3]
+    label = owner[((x - colours) ** 2).sum(-1).argmin(-1)]  # [n, H, W] paint index or -1
+    read = []
+    for band in (label[:, :boundary], label[:, boundary:]):
+      counts = np.bincount(band[band >= 0], minlength=len(names))  # [P]
+      best = int(counts.argmax())
+      read.append(names[best] if counts[best] >= config.min_share * band.size else None)
+    out.append(tuple(read))
+  return out
+
+
+def paint_agreement(read: list[tuple[str | None, str | None]], paint: tuple[str, str],
+                    segments: range | list[int]) -> float:
+  """Mean over `segments` of the fraction of (wall, floor) read as `paint`."""
+  if not len(segments):
+    raise ValueError("paint_agreement needs at least one segment")
+  return float(np.mean([np.mean([r == p for r, p in zip(read[i], paint)]) for i in segments]))
+
+
+def caption_paint(video: ToyVideo) -> tuple[str, str]:
+  """The (wall, floor) paint the first caption names."""
+  paint = video.attributes["paint"]
+  if paint is None:
+    raise ValueError("the video's house is not painted (ToyCartoonConfig.paints is empty)")
+  return paint["wall"], paint["floor"]
+
+
+def repaint(video: ToyVideo, paint: tuple[str, str], start_segment: int) -> np.ndarray:
+  """Frames of a painted `video` whose walls and floor take `paint` from `start_segment` on
+  (characters and features untouched): the paint probe's negative control."""
+  old = caption_paint(video)
+  frames = video.frames.copy()
+  tail = frames[video.attributes["segments"][start_segment]["frames"][0]:]  # view
+  rgb = lambda name, scale: np.round(np.asarray(PAINTS[name], np.float64) * scale).astype(np.uint8)
+  # Every mask before any write, so a paint moving onto the other band's old one is not
+  # repainted twice. Flat colours: exact matches are the paint.
+  changes = [((tail == rgb(was, scale)).all(-1), rgb(new, scale))
+             for was, new in zip(old, paint) for scale in (1.0, PAINT_SHADE)]
+  for mask, colour in changes:
+    tail[mask] = colour
   return frames
