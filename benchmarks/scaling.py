@@ -68,7 +68,6 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # configs/
 from configs import common  # noqa: E402
 from ttt_jax import optim, train  # noqa: E402
 from ttt_jax.data import pipeline  # noqa: E402
-from ttt_jax.diffusion import NoiseSchedule  # noqa: E402
 from ttt_jax.flops import matmul_flops  # noqa: E402
 from ttt_jax.layout import VideoLayout  # noqa: E402
 from ttt_jax.models import dit, vae  # noqa: E402
@@ -141,15 +140,7 @@ def measure_step(config: ml_collections.ConfigDict, seconds: int, batch_size: in
   }
   null_text = jnp.zeros((layout.num_text, text_dim))  # [Lt, Dt]
   graph, state = nnx.split((model, optimizer))
-  step_kw = dict(optim_cfg=config.optim.to_dict(), layout=layout,
-                 schedule=NoiseSchedule.create(num_steps=config.diffusion.num_steps),
-                 text_dropout=config.diffusion.text_dropout)
-
-  def step(state, batch, rng, null_text):
-    # Merged inside the jit's trace, as nnx's transforms (the block scan) expect.
-    model, optimizer = nnx.merge(graph, state)
-    out = train.train_step(model, optimizer, batch, rng, null_text, **step_kw)
-    return nnx.state((model, optimizer)), out
+  step = train.pure_step(config, layout, graph)
 
   args = (state, batch, jax.random.key(1), null_text)
   t0 = time.perf_counter()

@@ -112,6 +112,10 @@ def get_config(seconds: int, arg: str | None) -> ml_collections.ConfigDict:
   c.diffusion = ml_collections.ConfigDict(dict(
       num_steps=1000,
       text_dropout=0.1,  # classifier-free guidance: drop the caption of 10% of examples
+      # Where training draws t (ttt_jax.diffusion.TimestepDistribution): "uniform" (the
+      # paper's), "logit_normal" (loc, scale) or "shifted" (shift), both leaning to high
+      # noise for loc > 0 / shift > 1.
+      timesteps=dict(kind="uniform", loc=0.0, scale=1.0, shift=1.0),
   ))
 
   if tiny:

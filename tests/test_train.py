@@ -14,7 +14,7 @@ from flax import nnx
 from tests.conftest import build_model, flat, params_of, perturb, small_config
 from ttt_jax import checkpoint, metrics, optim, train
 from ttt_jax.data import pipeline
-from ttt_jax.diffusion import NoiseSchedule
+from ttt_jax.diffusion import NoiseSchedule, TimestepDistribution
 from ttt_jax.models.vae import make_codec
 
 
@@ -41,6 +41,11 @@ def test_loss_decreases_and_workdir_is_complete(stage1):
   assert result == {"first_loss": losses[0], "last_loss": losses[-1]}
   assert all(np.isfinite(losses)) and all(r["grad_norm"] > 0 for r in rows)
   assert rows[0]["lr_ttt"] == pytest.approx(3e-3) and rows[0]["lr_other"] == pytest.approx(3e-3)
+  # Per-block slot diagnostics (2 blocks): a live gradient, gates moving off their 0.1 init.
+  for r in rows:
+    assert len(r["slot_grad_norm"]) == 2 and min(r["slot_grad_norm"]) > 0
+    assert all(0 < g < 1 for g in r["gate_fwd_video"] + r["gate_bwd_video"])
+  assert rows[0]["gate_fwd_video"] != rows[-1]["gate_fwd_video"]
   # The zero-initialised model starts at loss ~1 (v of unit-scale latents). Each logged value
   # is a mean over 10 steps x 2 examples of random timesteps; at a plateau the windows
   # scatter by about +-5%, so a 15% drop of the first-two vs last-two means is learning,
@@ -130,7 +135,7 @@ def test_text_dropout_is_applied_in_the_loss(loss_setup, p):
   model, layout, latents, texts = loss_setup
   loss = nnx.jit(functools.partial(train.loss_fn, layout=layout,
                                    schedule=NoiseSchedule.create(num_steps=1000),
-                                   text_dropout=p))
+                                   timesteps=TimestepDistribution(), text_dropout=p))
   rng = jax.random.key(3)
   zeros = np.zeros_like(texts[0][0])  # the toy encoder's null caption
   a, b, null = (float(loss(model, {"latents": latents, "text": t}, rng, zeros)) for t in texts)
@@ -180,3 +185,37 @@ def test_microbatches_accumulate_the_mean_gradient(cfg):
     np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6 * float(np.abs(w).max()), err_msg=str(path))
   with pytest.raises(ValueError, match="train.microbatches=3 does not divide the batch of 4"):
     train.accumulated_grads(model, batch, key, null, 3, loss)
+
+
+@pytest.mark.parametrize("layer", ["ttt", "full_attention", "local"])
+def test_slot_diagnostics_match_a_per_block_computation(layer):
+  """Per block: the norm of every global-slot gradient entry of that block (sliced by hand
+  from the flat parameter names), and the mean |tanh| of its video gates; none without a
+  slot."""
+  cfg = small_config()
+  with cfg.unlocked():
+    cfg.model.sequence_layer = layer
+  model = perturb(build_model(cfg), 0.05)
+  layout = pipeline.video_layout(cfg.data, 3, make_codec("toy"), 2)
+  rng = np.random.default_rng(0)
+  batch = {"latents": rng.normal(size=(2, 13, 4, 6, 16)).astype(np.float32),
+           "text": rng.normal(size=(2, 4, cfg.data.text_dim)).astype(np.float32)}
+  loss = functools.partial(train.loss_fn, layout=layout,
+                           schedule=NoiseSchedule.create(num_steps=1000),
+                           timesteps=TimestepDistribution(), text_dropout=0.0)
+  grads = nnx.grad(loss)(model, batch, jax.random.key(0), np.zeros((4, cfg.data.text_dim)))
+  out = train.slot_diagnostics(model, grads)
+  if layer == "local":
+    assert out == {}
+    return
+  g, p = flat(grads), flat(params_of(model))
+  slot = [k for k in g if k.startswith("blocks/ttt/")]
+  assert slot and all(g[k].shape[0] == 2 for k in slot)
+  for i in range(2):
+    norm = np.sqrt(sum(float(np.sum(np.square(np.asarray(g[k][i], np.float64)))) for k in slot))
+    # float32 sums of squares of ~10^4 entries: relative round-off ~1e-6.
+    assert float(out["slot_grad_norm"][i]) == pytest.approx(norm, rel=1e-5)
+    for d in ("fwd", "bwd"):
+      gate = np.mean(np.abs(np.tanh(p[f"blocks/ttt/alpha_{d}_video"][i])))
+      assert float(out[f"gate_{d}_video"][i]) == pytest.approx(gate, rel=1e-6)
+  assert float(out["slot_grad_norm"][0]) > 0

@@ -33,7 +33,8 @@ from ml_collections import config_flags
 from ttt_jax import checkpoint, convert, metrics, optim, preflight
 from ttt_jax.data import pipeline
 from ttt_jax.layout import VideoLayout
-from ttt_jax.diffusion import NoiseSchedule, drop_text, sample_timesteps, v_prediction_loss
+from ttt_jax.diffusion import (NoiseSchedule, TimestepDistribution, drop_text, sample_timesteps,
+                               v_prediction_loss)
 from ttt_jax.models import dit
 from ttt_jax.parallel import mesh as mesh_lib
 from ttt_jax.parallel.sharding import constrain, init_sharded
@@ -51,12 +52,12 @@ class Preempted(RuntimeError):
 
 def loss_fn(model: dit.VideoDiT, batch: dict[str, jax.Array], rng: jax.Array,
             null_text: jax.Array, *, layout: VideoLayout, schedule: NoiseSchedule,
-            text_dropout: float) -> jax.Array:
-  """v-prediction loss of one batch: random timestep, noise and caption dropout (to
-  null_text [Lt, Dt], the encoding of "")."""
+            timesteps: TimestepDistribution, text_dropout: float) -> jax.Array:
+  """v-prediction loss of one batch: timestep (drawn from `timesteps`), noise and caption
+  dropout (to null_text [Lt, Dt], the encoding of "")."""
   latents, text = batch["latents"], batch["text"]  # [B, T, h, w, C], [B, Lt, Dt]
   k_t, k_noise, k_drop = jax.random.split(rng, 3)
-  t = sample_timesteps(k_t, latents.shape[0], schedule)
+  t = sample_timesteps(k_t, latents.shape[0], schedule, timesteps)
   noise = jax.random.normal(k_noise, latents.shape, latents.dtype)
   text = drop_text(k_drop, text, text_dropout, null_text)
   v_pred = model(schedule.add_noise(latents, noise, t), text, t, layout)
@@ -77,6 +78,7 @@ def train_step(model: dit.VideoDiT, optimizer: nnx.Optimizer, batch: dict[str, j
   """
   loss, grads = accumulated_grads(model, batch, rng, null_text, microbatches,
                                   functools.partial(loss_fn, **loss_kw))
+  diagnostics = slot_diagnostics(model, grads)  # of the parameters before this update
   # The norm the clip acts on: frozen groups' gradients are dropped before it.
   grad_norm = optim.trainable_grad_norm(optim_cfg, grads)
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
@@ -87,7 +89,23 @@ def train_step(model: dit.VideoDiT, optimizer: nnx.Optimizer, batch: dict[str, j
     after = nnx.state((model, optimizer))
     nnx.update((model, optimizer),
                jax.tree.map(lambda new, old: jnp.where(finite, new, old), after, before))
-  return {"loss": loss, "grad_norm": grad_norm, "finite": finite}
+  return {"loss": loss, "grad_norm": grad_norm, "finite": finite, **diagnostics}
+
+
+def slot_diagnostics(model: dit.VideoDiT, grads: nnx.State) -> dict[str, jax.Array]:
+  """Per block [depth], for a model with a global slot (else {}): the norm of the slot's
+  parameter gradient (before clipping) and the mean |tanh| of its video gates forwards and
+  backwards. A slot whose gradient stays ~0 learns nothing: a bug to find, not a result;
+  gates that stay at their init say the slot never earned a say in the output."""
+  slot = getattr(model.blocks, "ttt", None)
+  if slot is None:
+    return {}
+  squares = [jnp.sum(jnp.square(g.astype(jnp.float32)), axis=tuple(range(1, g.ndim)))
+             for g in jax.tree.leaves(grads["blocks"]["ttt"])]  # each [depth]
+  gate = lambda alpha: jnp.mean(jnp.abs(jnp.tanh(alpha[...])), axis=-1)  # [depth, D] -> [depth]
+  return {"slot_grad_norm": jnp.sqrt(sum(squares)),
+          "gate_fwd_video": gate(slot.alpha_fwd_video),
+          "gate_bwd_video": gate(slot.alpha_bwd_video)}
 
 
 def accumulated_grads(model: dit.VideoDiT, batch: dict[str, jax.Array], rng: jax.Array,
@@ -124,6 +142,7 @@ def step_kwargs(config: ml_collections.ConfigDict, layout: VideoLayout) -> dict[
   """`train_step`'s keyword arguments for a stage config."""
   return dict(optim_cfg=config.optim.to_dict(), layout=layout,
               schedule=NoiseSchedule.create(num_steps=config.diffusion.num_steps),
+              timesteps=TimestepDistribution(**config.diffusion.timesteps),
               text_dropout=config.diffusion.text_dropout,
               skip_nonfinite=config.train.nonfinite == "skip",
               microbatches=config.train.get("microbatches", 1))
@@ -319,6 +338,10 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
       if log:
         row = {k: float(np.mean([o[k] for o in window])) if window else float("nan")
                for k in ("loss", "grad_norm")}
+        # Per-block slot diagnostics: lists, one value per block.
+        row.update({k: np.mean([o[k] for o in window], axis=0).tolist()
+                    for k in ("slot_grad_norm", "gate_fwd_video", "gate_bwd_video")
+                    if window and k in window[0]})
         now = time.perf_counter()
         s_per_step = (now - t_window) / timed_steps if timed_steps else compile_s
         row.update({f"lr_{g}": float(s(step)) for g, s in lr.items()},

@@ -20,7 +20,8 @@ import pytest
 
 from ttt_jax.diffusion import (NoiseSchedule, ddim_sample, dpmpp_2m_sample,
                                drop_text, dynamic_guidance_scale,
-                               sample_timesteps, timesteps, v_prediction_loss)
+                               TimestepDistribution, sample_timesteps, timesteps,
+                               v_prediction_loss)
 
 SCHED = NoiseSchedule.create()
 
@@ -227,6 +228,40 @@ def test_sample_timesteps():
   assert int(t.min()) == 0 and int(t.max()) == 999
   # Uniform: mean 499.5, standard error 288.7 / sqrt(20000) = 2.0.
   assert abs(float(t.mean()) - 499.5) < 8.0
+  # The default is the uniform draw it always was (resumed runs see the same timesteps).
+  np.testing.assert_array_equal(
+      t, jax.random.randint(jax.random.PRNGKey(2), (20000,), 0, 1000, jnp.int32))
+
+
+@pytest.mark.parametrize("dist,quantiles", [
+    # logit-normal: u = sigmoid(1 + 0.8 z), so P(u < sigmoid(1 + 0.8 q)) = Phi(q).
+    (TimestepDistribution("logit_normal", loc=1.0, scale=0.8),
+     {float(1 / (1 + np.exp(-(1.0 + 0.8 * q)))): p
+      for q, p in ((-1.0, 0.158655), (0.0, 0.5), (1.0, 0.841345))}),
+    # shift 3: u = 3 v / (1 + 2 v) < w  <=>  v < w / (3 - 2 w).
+    (TimestepDistribution("shifted", shift=3.0), {0.5: 0.25, 0.75: 0.5, 0.9: 0.75}),
+    (TimestepDistribution(), {0.25: 0.25, 0.9: 0.9}),
+])
+def test_timestep_distributions_match_their_law(dist, quantiles):
+  """Draws against hand-derived quantiles (Phi values from the normal table), and the
+  exact pmf against the draws: with n = 200,000 an empirical CDF's standard error is at
+  most 0.5 / sqrt(n) = 0.0011, so 0.006 is over 5 standard errors."""
+  n = 200_000
+  t = np.asarray(sample_timesteps(jax.random.PRNGKey(5), n, SCHED, dist))
+  assert t.min() >= 0 and t.max() <= 999 and t.dtype == np.int32
+  for u, p in quantiles.items():
+    assert abs(np.mean(t < u * 1000) - p) < 0.006, (u, p)
+  pmf = dist.probabilities(1000)
+  assert pmf.shape == (1000,) and abs(pmf.sum() - 1.0) < 1e-12 and pmf.min() >= 0
+  for k in (100, 500, 800, 900, 950):
+    assert abs(np.mean(t < k) - pmf[:k].sum()) < 0.006, k
+
+
+def test_timestep_distribution_errors():
+  with pytest.raises(ValueError, match="kind='cosine' is unknown"):
+    TimestepDistribution("cosine")
+  with pytest.raises(ValueError, match="scale > 0 and shift > 0"):
+    TimestepDistribution("shifted", shift=0.0)
 
 
 # ----------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """Diffusion: zero-terminal-SNR v-prediction schedule, loss and samplers."""
 
-from ttt_jax.diffusion.loss import (drop_text, sample_timesteps,
+from ttt_jax.diffusion.loss import (TimestepDistribution, drop_text, sample_timesteps,
                                     v_prediction_loss)
 from ttt_jax.diffusion.samplers import (ddim_sample, dpmpp_2m_sample,
                                         dynamic_guidance_scale, timesteps)
@@ -8,6 +8,7 @@ from ttt_jax.diffusion.schedule import NoiseSchedule
 
 __all__ = [
     "NoiseSchedule",
+    "TimestepDistribution",
     "ddim_sample",
     "dpmpp_2m_sample",
     "drop_text",

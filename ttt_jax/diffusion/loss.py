@@ -1,4 +1,5 @@
-"""CogVideoX's training objective and classifier-free-guidance text dropout.
+"""CogVideoX's training objective, its timestep distributions and classifier-free-guidance
+text dropout.
 
 CogVideoX converts the v prediction to an x0 prediction and weights the x0
 error by w_t = 1 / (1 - abar_t) = 1 / sigma_t^2. Since
@@ -8,8 +9,13 @@ it is kept in the x0 form to match the reference objective term for term.
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
+import numpy as np
+import scipy.special
+import scipy.stats
 
 from ttt_jax.diffusion.schedule import NoiseSchedule
 
@@ -44,9 +50,64 @@ def v_prediction_loss(
   return jnp.where(count > 0, total / jnp.maximum(count, 1e-12), 0.0)
 
 
-def sample_timesteps(rng: Array, batch: int, schedule: NoiseSchedule) -> Array:
-  """Training timesteps, uniform over [0, num_steps): int32 [batch]."""
-  return jax.random.randint(rng, (batch,), 0, schedule.num_steps, jnp.int32)
+TIMESTEP_KINDS = ("uniform", "logit_normal", "shifted")
+
+
+@dataclasses.dataclass(frozen=True)
+class TimestepDistribution:
+  """Where training draws its diffusion timesteps t in [0, num_steps), as u = t / num_steps.
+
+  uniform       u ~ U[0, 1) (CogVideoX's recipe);
+  logit_normal  u = sigmoid(loc + scale z), z ~ N(0, 1) (SD3's; loc > 0 leans to high noise);
+  shifted       u = shift v / (1 + (shift - 1) v), v ~ U[0, 1) (SD3's and Wan's shift;
+                shift > 1 leans to high noise).
+  t = floor(u num_steps). High noise is where a caption (or a memory of one) decides what the
+  frames show: below it the noisy frames give their content away.
+  """
+  kind: str = "uniform"
+  loc: float = 0.0
+  scale: float = 1.0
+  shift: float = 1.0
+
+  def __post_init__(self):
+    if self.kind not in TIMESTEP_KINDS:
+      raise ValueError(f"diffusion.timesteps.kind={self.kind!r} is unknown; choose from "
+                       f"{TIMESTEP_KINDS}")
+    if self.scale <= 0 or self.shift <= 0:
+      raise ValueError(f"diffusion.timesteps needs scale > 0 and shift > 0, got scale="
+                       f"{self.scale}, shift={self.shift}")
+
+  def sample(self, rng: Array, batch: int, num_steps: int) -> Array:
+    """int32 [batch] timesteps."""
+    if self.kind == "uniform":
+      return jax.random.randint(rng, (batch,), 0, num_steps, jnp.int32)
+    if self.kind == "logit_normal":
+      u = jax.nn.sigmoid(self.loc + self.scale * jax.random.normal(rng, (batch,)))
+    else:
+      v = jax.random.uniform(rng, (batch,))
+      u = self.shift * v / (1.0 + (self.shift - 1.0) * v)
+    return jnp.clip(jnp.floor(u * num_steps), 0, num_steps - 1).astype(jnp.int32)
+
+  def cdf(self, u: np.ndarray) -> np.ndarray:
+    """P(t / num_steps < u) for u in [0, 1], float64."""
+    u = np.clip(np.asarray(u, np.float64), 0.0, 1.0)
+    if self.kind == "uniform":
+      return u
+    if self.kind == "logit_normal":
+      with np.errstate(divide="ignore"):
+        return scipy.stats.norm.cdf((scipy.special.logit(u) - self.loc) / self.scale)
+    return u / (self.shift - (self.shift - 1.0) * u)  # the shift's inverse map
+
+  def probabilities(self, num_steps: int) -> np.ndarray:
+    """[num_steps] float64: P(t = k), summing to 1 (t = num_steps - 1 takes u's top edge)."""
+    p = np.diff(self.cdf(np.arange(num_steps + 1) / num_steps))
+    return p / p.sum()
+
+
+def sample_timesteps(rng: Array, batch: int, schedule: NoiseSchedule,
+                     distribution: TimestepDistribution = TimestepDistribution()) -> Array:
+  """Training timesteps from `distribution` (uniform by default): int32 [batch]."""
+  return distribution.sample(rng, batch, schedule.num_steps)
 
 
 def drop_text(rng: Array, text_emb: Array, p: float, null_text: Array) -> Array:
