@@ -138,3 +138,20 @@ def test_paper_model_is_cogvideox_5b_plus_ttt():
 def test_tiny_model_size():
   counts = _param_counts(load(f"--config={_file(3)}:tiny"))
   assert 1e5 < sum(counts.values()) < 1e6  # minutes on a CPU
+
+
+def test_chain_hands_each_stage_the_previous_one(tmp_path):
+  """stages.chain: stage i starts from stage i-1's dir, the first from init_from; the inputs
+  are not touched and the copies stay locked like --config= ones."""
+  from ttt_jax import stages
+  configs = [stages.load_stage_config(REPO / "configs", s, "tiny") for s in (3, 9, 18)]
+  dirs = [tmp_path / f"{s}s" for s in (3, 9, 18)]
+  chained = stages.chain(configs, dirs, init_from="base/3s")
+  assert [c.init_from for c in chained] == ["base/3s", str(dirs[0]), str(dirs[1])]
+  assert [c.seconds for c in chained] == [3, 9, 18] and all(c.is_locked for c in chained)
+  assert all(c.init_from == "" for c in configs)
+  assert stages.chain(configs[:1], dirs[:1])[0].init_from == ""
+  with pytest.raises(ValueError, match="one dir per stage: 3 configs, 2 dirs"):
+    stages.chain(configs, dirs[:2])
+  with pytest.raises(FileNotFoundError, match="no config for the 12 s stage"):
+    stages.load_stage_config(REPO / "configs", 12, "tiny")

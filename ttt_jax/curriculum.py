@@ -19,8 +19,8 @@ import jax
 from absl import app, flags, logging
 
 from ttt_jax import metrics, preflight, sample, train
+from ttt_jax import stages as stages_lib
 from ttt_jax.data import toy_cartoons
-from ttt_jax.stages import load_stage_config
 
 _PRESET = flags.DEFINE_string("preset", "tiny", "Config preset of every stage (tiny | paper).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Root directory; one sub-directory per stage.")
@@ -36,22 +36,20 @@ def run(preset: str, workdir: str | pathlib.Path, stages: list[int],
         config_dir: str | pathlib.Path = "configs", storyboard: str | None = None) -> dict:
   workdir = pathlib.Path(workdir)
   lead = jax.process_index() == 0  # one process writes the storyboard, plot, video, summary
-  configs, previous = {}, ""
-  for seconds in stages:  # every stage checked before the first one trains
-    config = load_stage_config(config_dir, seconds, preset)
-    with config.unlocked():
-      config.init_from = previous
+  dirs = [workdir / f"{seconds}s" for seconds in stages]
+  configs = stages_lib.chain([stages_lib.load_stage_config(config_dir, s, preset)
+                              for s in stages], dirs)
+  for config in configs:  # every stage checked before the first one trains
     preflight.check(config, "train", init_exists=False)
-    configs[seconds], previous = config, str(workdir / f"{seconds}s")
   summary, runs = {}, []
-  for seconds, config in configs.items():
-    stage_dir = workdir / f"{seconds}s"
-    summary[f"{seconds}s"] = train.train(config, stage_dir)
-    runs.append((f"{seconds}s", metrics.read_metrics(stage_dir / "metrics.jsonl")))
+  for config, stage_dir in zip(configs, dirs):
+    summary[f"{config.seconds}s"] = train.train(config, stage_dir)
+    runs.append((f"{config.seconds}s", metrics.read_metrics(stage_dir / "metrics.jsonl")))
   if lead:
     metrics.plot_loss(runs, workdir / "loss.png")
 
-  data = config.data
+  last, last_dir = configs[-1], str(dirs[-1])
+  data = last.data
   if storyboard:
     captions = sample.load_storyboard(storyboard)
   elif data.name == "toy_cartoons":  # the toy video just past the training set: never seen
@@ -67,10 +65,10 @@ def run(preset: str, workdir: str | pathlib.Path, stages: list[int],
   if captions:
     # Every process samples (the restore and the program are the same on all of them);
     # one writes the video.
-    frames = sample.sample_video(previous, captions, progress=lead)
+    frames = sample.sample_video(last_dir, captions, progress=lead)
     if lead:
       summary["samples"] = [str(p) for p in sample.write_video(
-          frames, workdir / "samples" / "one_minute", config.sample.fps)]
+          frames, workdir / "samples" / "one_minute", last.sample.fps)]
   if lead:
     (workdir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
   return summary
