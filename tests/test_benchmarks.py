@@ -252,28 +252,33 @@ def test_scaling_benchmark_json_and_slopes(tmp_path):
       "the 3 s run: timed out after 0.5 s (--run_timeout_s)"]
 
 
-@pytest.mark.slow  # ~1 min: a 25-step base, then its losses at three timestep sets
-def test_colour_signal_benchmark_json(tmp_path):
-  import dataclasses
+@pytest.mark.slow  # ~1 min: a 25-step base, then its losses at two timesteps and the shares
+def test_memory_signal_benchmark_json(tmp_path):
   from ttt_jax import evaluate as ev
+  from ttt_jax.evaluation import video
 
-  cmd = [sys.executable, "benchmarks/colour_signal.py", f"--workdir={tmp_path}", "--preset=ci"]
+  cmd = [sys.executable, "benchmarks/memory_signal.py", f"--workdir={tmp_path}", "--preset=ci"]
   proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300, check=False)
   assert proc.returncode != 0
-  assert f"no finished base ({tmp_path}/runs/base/3s/base.json missing)" in proc.stderr
+  assert f"no finished base ({tmp_path}/runs/base/3s/checkpoints missing)" in proc.stderr
 
   # Past the 20-step warm-up, so the zero-initialised gates have let the caption in.
-  ev.train_base(dataclasses.replace(ev.PRESETS["ci"], base_steps=25), tmp_path)
-  proc = subprocess.run(cmd + ["--heldout=2", "--timesteps=100,900", "--uniform_points=4"],
+  preset = ev.load_preset("video", "ci")
+  with preset.unlocked():
+    preset.base.steps, preset.score.heldout = 25, 2
+  video.train_base(preset, tmp_path, "configs")
+  proc = subprocess.run(cmd + ["--heldout=2", "--timesteps=100,900"],
                         cwd=REPO, capture_output=True, text=True, timeout=300, check=False)
   assert proc.returncode == 0, proc.stderr[-4000:]
-  doc = json.loads(proc.stdout)
-  assert doc["config"]["uniform_timesteps"] == [125, 375, 625, 875]
-  rows = doc["results"]
-  assert [r["t"] for r in rows] == [100, 900, "uniform"]
-  for r in rows:
+  rows = json.loads(proc.stdout)["results"]
+  assert [r["t"] for r in rows] == [100, 900, "uniform", "base", "stage"]
+  for r in rows[:2]:
     assert math.isfinite(r["loss"]) and r["loss"] > 0
-    # The base reads its caption, so wrong colours change its loss (either way this early).
+    # The base reads its caption, so another paint changes its loss (either way this early).
     assert math.isfinite(r["swap_gain"]) and r["swap_gain"] != 0.0
     assert r["share"] == pytest.approx(r["swap_gain"] / r["loss"])
   assert rows[0]["loss"] != rows[1]["loss"]  # each row at its own timestep
+  # The same shares the evaluation's base records.
+  recorded = json.loads((tmp_path / "runs/base/3s/eval.json").read_text())
+  for r in rows[2:]:
+    assert r["share"] == pytest.approx(recorded[f"memory_share_{r['t']}"], rel=1e-5)

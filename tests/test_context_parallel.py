@@ -117,7 +117,7 @@ _TRAIN = """
     from tests.hlo import collectives, collectives_in_while_bodies, computations
     from ttt_jax import optim, train
     from ttt_jax.data import pipeline
-    from ttt_jax.diffusion import NoiseSchedule
+    from ttt_jax.diffusion import NoiseSchedule, TimestepDistribution
     from ttt_jax.models import dit
     from ttt_jax.models.vae import make_codec
     from ttt_jax.parallel import mesh as mesh_lib, sharding
@@ -139,7 +139,8 @@ _TRAIN = """
       return model, nnx.Optimizer(model, optim.make_optimizer(cfg.optim), wrt=nnx.Param)
 
     step = functools.partial(train.train_step, optim_cfg=cfg.optim.to_dict(), layout=layout,
-                             schedule=NoiseSchedule.create(num_steps=1000), text_dropout=0.5)
+                             schedule=NoiseSchedule.create(num_steps=1000),
+                             timesteps=TimestepDistribution(), text_dropout=0.5)
 
     def run(model, optimizer, batch):
       jitted = nnx.jit(step)

@@ -171,7 +171,8 @@ def test_microbatches_accumulate_the_mean_gradient(cfg):
            "text": jnp.asarray(rng.normal(size=(4, 4, cfg.data.text_dim)), jnp.float32)}
   null = jnp.zeros(batch["text"].shape[1:])
   loss = functools.partial(train.loss_fn, layout=layout,
-                           schedule=NoiseSchedule.create(num_steps=1000), text_dropout=0.5)
+                           schedule=NoiseSchedule.create(num_steps=1000),
+                           timesteps=TimestepDistribution(), text_dropout=0.5)
   key = jax.random.key(7)
   got_loss, got = nnx.jit(train.accumulated_grads, static_argnums=(4, 5))(
       model, batch, key, null, 2, loss)

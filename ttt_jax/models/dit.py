@@ -47,7 +47,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     # "pre-trained" at the tiny preset's 64x96 pixels.
     "tiny": dict(width=64, depth=2, num_heads=4, text_dim=32, time_embed_dim=64,
                  sample_size=(8, 12)),
-    # The evaluation's base (ttt_jax.evaluate): 8 heads of 16, twice as wide and deep as tiny.
+    # 8 heads of 16, twice as wide and deep as tiny (the first evaluation's base).
     # After 3000 steps on 3 s toy cartoons tiny's training loss is 0.51 and its samples are
     # colour noise; this size reaches 0.31 (0.24 at 6000) and draws the backdrops and
     # characters, at 0.33 s a step against tiny's 0.2-0.3 on the 2-core CPU (RESULTS.md).
