@@ -75,9 +75,10 @@ def markdown_table(header: Sequence[str], lines: Iterable[Sequence[str]]) -> lis
           + ["| " + " | ".join(cells) + " |" for cells in lines])
 
 
-def write_json(rows: list[dict[str, Any]], path: str | pathlib.Path) -> None:
-  """results.json, written whole (a reader never sees half a file)."""
+def write_json(value: Any, path: str | pathlib.Path) -> None:
+  """A JSON file (results.json, a run's eval.json), written whole: a reader, or a rerun
+  after an interruption, never sees half a file."""
   path = pathlib.Path(path)
   tmp = path.with_suffix(path.suffix + ".tmp")
-  tmp.write_text(json.dumps(rows, indent=1))
+  tmp.write_text(json.dumps(value, indent=1))
   tmp.replace(path)

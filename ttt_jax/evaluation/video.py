@@ -164,12 +164,6 @@ def _read(path: pathlib.Path) -> dict[str, Any]:
   return json.loads(path.read_text()) if path.exists() else {}
 
 
-def _write(path: pathlib.Path, result: dict[str, Any]) -> None:
-  tmp = path.with_suffix(".tmp")
-  tmp.write_text(json.dumps(result, indent=1))
-  tmp.replace(path)
-
-
 def train_base(preset: ml_collections.ConfigDict, root: pathlib.Path,
                config_dir: str | pathlib.Path) -> dict[str, Any]:
   """The shared base (skipped once done), scored: its first-segment swap gain and memory
@@ -183,7 +177,7 @@ def train_base(preset: ml_collections.ConfigDict, root: pathlib.Path,
     train.train(config, run_dir)
     result = dict(steps=preset.base.steps, batch=preset.base.batch,
                   train_s=time.perf_counter() - t0)
-    _write(path, result)
+    report.write_json(result, path)
   if "memory_share_stage" not in result:
     videos = vs.heldout_videos(config.data, 3, preset.score.heldout)
     swapped = vs.swapped_videos(videos, config.data.paints.split(","))
@@ -195,7 +189,7 @@ def train_base(preset: ml_collections.ConfigDict, root: pathlib.Path,
         {"uniform": TimestepDistribution(), "base": TimestepDistribution(**preset.base.timesteps),
          "stage": TimestepDistribution(**preset.stage.timesteps)},
         config.diffusion.num_steps))
-    _write(path, result)
+    report.write_json(result, path)
   return result
 
 
@@ -222,7 +216,8 @@ def score_run(preset: ml_collections.ConfigDict, config: ml_collections.ConfigDi
                                 toy_cartoons.segment_frame_ranges(len(video.captions))], axis=1)
         plt.imsave(run_dir / "sample_strip.png", strip)
     result.update({k: float(np.mean([s[k] for s in scores])) for k in scores[0]})
-  loss_fn = vs.segment_loss_fn(config, vs.load_model(config, run_dir))
+  if {"loss_last_segment", "swap_gain_first"} & set(missing):  # the groups scored by loss
+    loss_fn = vs.segment_loss_fn(config, vs.load_model(config, run_dir))
   if "loss_last_segment" in missing:
     losses = loss_fn(videos, score.loss_timesteps)
     result.update({f"loss_segment_{i:02d}": float(v) for i, v in enumerate(losses)})
@@ -238,7 +233,7 @@ def score_run(preset: ml_collections.ConfigDict, config: ml_collections.ConfigDi
     if len(beyond):
       result["swap_gain_later"] = float(np.mean(gains[list(beyond)]))
       result["loss_later"] = float(np.mean(high_noise[list(beyond)]))
-  _write(path, result)
+  report.write_json(result, path)
   return result
 
 
@@ -416,7 +411,8 @@ def run(preset: ml_collections.ConfigDict, workdir: str | pathlib.Path,
   for seconds in preset.seconds:
     path = root / f"probe_validation_{seconds}s.json"
     if not path.exists():
-      _write(path, vs.validate_probe(data, seconds, preset.score.heldout, depth(preset), codec))
+      report.write_json(
+          vs.validate_probe(data, seconds, preset.score.heldout, depth(preset), codec), path)
   train_base(preset, root, config_dir)
   jobs = [(v, s) for s in preset.seeds for v in preset.variants]
   for variant, seed in tqdm.tqdm(jobs, desc=f"video {preset.preset}"):
