@@ -28,7 +28,6 @@ import tqdm
 
 from bench_utils import emit  # this directory
 from ttt_jax import evaluate
-from ttt_jax.diffusion import TimestepDistribution
 from ttt_jax.evaluation import video
 from ttt_jax.evaluation import video_scores as vs
 
@@ -60,10 +59,8 @@ def main(argv: Sequence[str]) -> None:
     loss, gain = (float(x[0]) for x in vs.swap_gains(loss_fn, videos, swapped, (t,)))
     rows.append({"t": t, "loss": loss, "swap_gain": gain, "share": gain / loss})
     logging.info("%s", rows[-1])
-  shares = vs.memory_signal(
-      loss_fn, videos, swapped,
-      {"uniform": TimestepDistribution(), "base": TimestepDistribution(**preset.base.timesteps),
-       "stage": TimestepDistribution(**preset.stage.timesteps)}, config.diffusion.num_steps)
+  shares = vs.memory_signal(loss_fn, videos, swapped, video.signal_distributions(preset),
+                            config.diffusion.num_steps)
   rows += [{"t": name.removeprefix("memory_share_"), "share": share}
            for name, share in shares.items()]
   emit({"workdir": str(root.resolve()), "preset": _PRESET.value, "heldout": _HELDOUT.value,

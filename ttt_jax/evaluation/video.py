@@ -164,6 +164,14 @@ def _read(path: pathlib.Path) -> dict[str, Any]:
   return json.loads(path.read_text()) if path.exists() else {}
 
 
+def signal_distributions(preset: ml_collections.ConfigDict
+                         ) -> dict[str, TimestepDistribution]:
+  """The timestep distributions the memory signal is reported over: uniform, the base's and
+  the stages'."""
+  return {"uniform": TimestepDistribution(), "base": TimestepDistribution(**preset.base.timesteps),
+          "stage": TimestepDistribution(**preset.stage.timesteps)}
+
+
 def train_base(preset: ml_collections.ConfigDict, root: pathlib.Path,
                config_dir: str | pathlib.Path) -> dict[str, Any]:
   """The shared base (skipped once done), scored: its first-segment swap gain and memory
@@ -184,11 +192,8 @@ def train_base(preset: ml_collections.ConfigDict, root: pathlib.Path,
     loss_fn = vs.segment_loss_fn(config, vs.load_model(config, run_dir))
     result["swap_gain_first"] = float(vs.swap_gains(
         loss_fn, videos, swapped, preset.score.swap_timesteps)[1][0])
-    result.update(vs.memory_signal(
-        loss_fn, videos, swapped,
-        {"uniform": TimestepDistribution(), "base": TimestepDistribution(**preset.base.timesteps),
-         "stage": TimestepDistribution(**preset.stage.timesteps)},
-        config.diffusion.num_steps))
+    result.update(vs.memory_signal(loss_fn, videos, swapped, signal_distributions(preset),
+                                   config.diffusion.num_steps))
     report.write_json(result, path)
   return result
 
